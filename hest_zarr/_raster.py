@@ -82,6 +82,7 @@ def write_image_element(
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     build_pyramid: bool = True,
+    min_side: int = PYRAMID_MIN_SIDE,
 ) -> zarr.Group:
     """Write a ``c, y, x`` image element as an OME-NGFF multiscale group readable by spatialdata.
 
@@ -102,6 +103,10 @@ def write_image_element(
         Quality of the JPEG codec.
     chunk_size
         Chunk side in pixels (256-1024 recommended; all channels share a chunk).
+    build_pyramid
+        Build the pyramid of a single-scale image.
+    min_side
+        The pyramid stops at the first level whose longest side is at most this.
 
     Returns
     -------
@@ -123,7 +128,7 @@ def write_image_element(
     if given_levels is not None:
         shapes = [tuple(level.shape[1:]) for level in given_levels]
     elif build_pyramid:
-        shapes = pyramid_shapes(*scale0.shape[1:])
+        shapes = pyramid_shapes(*scale0.shape[1:], min_side=min_side)
     else:
         shapes = [tuple(scale0.shape[1:])]
 

@@ -473,14 +473,14 @@ def validate(url: str | Path, storage_options: StorageOptions = None, *, check_d
             problems.append(Problem(name, "kind", f"expected {wanted}, found {kind}"))
         if kind != "tables":
             problems.extend(_check_transformations(sdata, name, record))
-    if record is not None:
-        for name in sorted(set(present) - set(record.elements)):
-            problems.append(Problem(name, "provenance", "element has no record in the root attributes"))
-        for name in sorted(set(record.elements) - set(present)):
-            problems.append(Problem(name, "presence", "recorded in the root attributes but missing from the store"))
-        for name, entry in record.elements.items():
-            if name in present and entry.kind != present[name]:
-                problems.append(Problem(name, "kind", f"record says {entry.kind}, store holds {present[name]}"))
+    recorded = raw_record.get("elements", {}) if isinstance(raw_record, dict) else {}
+    for name in sorted(set(present) - set(recorded)):
+        problems.append(Problem(name, "provenance", "element has no record in the root attributes"))
+    for name in sorted(set(recorded) - set(present)):
+        problems.append(Problem(name, "presence", "recorded in the root attributes but missing from the store"))
+    for name, entry in recorded.items():
+        if name in present and isinstance(entry, dict) and entry.get("kind") != present[name]:
+            problems.append(Problem(name, "kind", f"record says {entry.get('kind')}, store holds {present[name]}"))
     for name, table in sdata.tables.items():
         problems.extend(_check_table(sdata, name, table))
     if check_data:

@@ -40,6 +40,7 @@ def pyramid_shapes(height: int, width: int, min_side: int = PYRAMID_MIN_SIDE) ->
     --------
     >>> pyramid_shapes(5000, 3000)
     [(5000, 3000), (2500, 1500), (1250, 750)]
+
     """
     shapes = [(height, width)]
     while max(shapes[-1]) > min_side and min(shapes[-1]) >= 2:
@@ -111,6 +112,7 @@ def write_image_element(
     Returns
     -------
     The element's group.
+
     """
     if not 64 <= chunk_size <= 4096:
         raise ValueError(f"chunk_size must be within 64-4096 px, got {chunk_size}")
@@ -165,7 +167,11 @@ def write_image_element(
         "multiscales": [
             {
                 "name": f"/images/{name}",
-                "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
+                ],
                 "datasets": datasets,
             }
         ],

@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +42,7 @@ def _main() -> None:
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}")
 
+
 StorageOptionsOption = Annotated[
     str | None,
     typer.Option(
@@ -51,14 +52,14 @@ StorageOptionsOption = Annotated[
 ]
 
 
-class Technology(str, Enum):
+class Technology(StrEnum):
     """Technologies ``convert`` understands (more arrive with the converter family)."""
 
     auto = "auto"
     visium = "visium"
 
 
-class Codec(str, Enum):
+class Codec(StrEnum):
     """Image codecs."""
 
     zstd = "zstd"

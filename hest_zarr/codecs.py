@@ -69,6 +69,7 @@ def image_array_codecs(
     --------
     >>> sorted(image_array_codecs("zstd", n_channels=3, dtype="uint8"))
     ['compressors', 'filters', 'serializer']
+
     """
     if codec == "zstd":
         return {"filters": None, "serializer": BytesCodec(), "compressors": [ZstdCodec(level=DEFAULT_ZSTD_LEVEL)]}

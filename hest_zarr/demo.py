@@ -24,6 +24,7 @@ def run_demo(output: str | Path) -> dict:
     >>> summary = run_demo("demo_output/visium_demo.zarr")  # doctest: +SKIP
     >>> summary["elements"]["spot_expression"]["n_obs"]  # doctest: +SKIP
     100
+
     """
     sdata = read_visium(demo_sample_path(), sample_id="visium_human_subset")
     url = hest_zarr.write(sdata, output, overwrite=True)

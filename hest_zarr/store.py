@@ -161,7 +161,8 @@ def _read_root_attributes(location: _Location) -> dict[str, Any]:
     version = attributes[Keys.ROOT_ATTRS].get("schema_version")
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         raise SchemaVersionError(
-            f"{url}: schema version {version!r} is not supported (this hest-zarr reads {list(SUPPORTED_SCHEMA_VERSIONS)})"
+            f"{url}: schema version {version!r} is not supported "
+            f"(this hest-zarr reads {list(SUPPORTED_SCHEMA_VERSIONS)})"
         )
     return attributes
 
@@ -192,6 +193,7 @@ def open(url: str | Path, storage_options: StorageOptions = None) -> SpatialData
     >>> import hest_zarr
     >>> sdata = hest_zarr.open("s3://bucket/TENX95.zarr", storage_options={"anon": True})  # doctest: +SKIP
     >>> sdata["he"]["scale0"]["image"][:, :256, :256].values  # fetches one chunk  # doctest: +SKIP
+
     """
     location = _locate(url, storage_options)
     attributes = _read_root_attributes(location)
@@ -237,14 +239,18 @@ def _read_remote(location: _Location, attributes: dict[str, Any]) -> SpatialData
                     elements[kind][name] = _raster.read_image_element(group)
                 elif kind == "shapes":
                     shapes = geopandas.read_parquet(location.join(kind, name, "shapes.parquet"), filesystem=location.fs)
-                    _set_transformations(shapes, _get_transformations_from_ngff_dict(group.attrs["coordinateTransformations"]))
+                    _set_transformations(
+                        shapes, _get_transformations_from_ngff_dict(group.attrs["coordinateTransformations"])
+                    )
                     elements[kind][name] = shapes
                 elif kind == "points":
                     points = dd.read_parquet(
                         f"{location.url.rstrip('/')}/{kind}/{name}/points.parquet",
                         storage_options=location.storage_options or None,
                     )
-                    _set_transformations(points, _get_transformations_from_ngff_dict(group.attrs["coordinateTransformations"]))
+                    _set_transformations(
+                        points, _get_transformations_from_ngff_dict(group.attrs["coordinateTransformations"])
+                    )
                     version = group.attrs["spatialdata_attrs"]["version"]
                     points.attrs["spatialdata_attrs"] = PointsFormats[version].attrs_from_dict(group.attrs.asdict())
                     elements[kind][name] = points
@@ -280,6 +286,7 @@ def get_record(sdata: SpatialData) -> StoreRecord:
     ------
     NotAStoreError
         When the object carries no record or an invalid one.
+
     """
     raw = sdata.attrs.get(Keys.ROOT_ATTRS)
     if raw is None:
@@ -332,6 +339,7 @@ def write(
     Examples
     --------
     >>> hest_zarr.write(sdata, "s3://bucket/sample.zarr", image_codec="jpeg", jpeg_quality=90)  # doctest: +SKIP
+
     """
     record = get_record(sdata)
     missing = [name for _, name, _ in sdata.gen_elements() if name not in record.elements]
@@ -386,7 +394,9 @@ def _write_element(
     if kind in ("images", "labels"):
         root = zarr.open_group(str(staging), mode="r+")
         images = root.require_group(kind)
-        _raster.write_image_element(images, name, element, codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
+        _raster.write_image_element(
+            images, name, element, codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size
+        )
     else:
         non_raster.write_element(name)
 
@@ -451,6 +461,7 @@ def validate(url: str | Path, storage_options: StorageOptions = None, *, check_d
     --------
     >>> for problem in hest_zarr.validate("sample.zarr"):  # doctest: +SKIP
     ...     print(problem)
+
     """
     try:
         sdata = open(url, storage_options)
@@ -544,7 +555,9 @@ def _check_chunks(url: str | Path, storage_options: StorageOptions) -> list[Prob
                     except Exception as err:
                         key = "/".join(["c", *map(str, block)])
                         problems.append(
-                            Problem(name, f"{level_name} chunk {key}", f"cannot be decoded ({type(err).__name__}: {err})")
+                            Problem(
+                                name, f"{level_name} chunk {key}", f"cannot be decoded ({type(err).__name__}: {err})"
+                            )
                         )
     return problems
 
@@ -556,6 +569,7 @@ def info(url: str | Path, storage_options: StorageOptions = None) -> dict[str, A
     --------
     >>> hest_zarr.info("sample.zarr")["elements"]["spot_expression"]["n_obs"]  # doctest: +SKIP
     2898
+
     """
     sdata = open(url, storage_options)
     record = get_record(sdata)
@@ -573,9 +587,9 @@ def info(url: str | Path, storage_options: StorageOptions = None) -> dict[str, A
                 entry["levels"] = [[int(n) for n in level.shape] for level in levels]
                 entry["dtype"] = str(levels[0].dtype)
             elif kind == "points":
-                entry["n_rows"] = int(len(element))
+                entry["n_rows"] = len(element)
             else:
-                entry["n_rows"] = int(len(element))
+                entry["n_rows"] = len(element)
                 entry["geometry"] = sorted(set(element.geom_type.astype(str)))
         elements[name] = entry
     return {
@@ -585,4 +599,3 @@ def info(url: str | Path, storage_options: StorageOptions = None) -> dict[str, A
         "metadata": record.metadata.model_dump(mode="json", exclude_none=True),
         "elements": elements,
     }
-

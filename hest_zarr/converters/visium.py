@@ -34,7 +34,11 @@ from hest_zarr.store import set_record
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_INTER_SPOT_DISTANCE_UM = 100.0
-COUNTS_CANDIDATES = (VisiumKeys.FILTERED_COUNTS_FILE.value, "filtered_feature_bc_matrix", VisiumKeys.RAW_COUNTS_FILE.value)
+COUNTS_CANDIDATES = (
+    VisiumKeys.FILTERED_COUNTS_FILE.value,
+    "filtered_feature_bc_matrix",
+    VisiumKeys.RAW_COUNTS_FILE.value,
+)
 POSITIONS_CANDIDATES = (
     f"spatial/{VisiumKeys.SPOTS_FILE_2.value}",
     f"spatial/{VisiumKeys.SPOTS_FILE_1.value}",
@@ -133,7 +137,10 @@ def _pick_image(root: Path, image: Path | None, factors: dict[str, float]) -> tu
         if not Path(image).is_file():
             raise InputError(f"{image}: no such image file")
         return Path(image), 1.0
-    for name, key in ((VisiumKeys.IMAGE_HIRES_FILE.value, "tissue_hires_scalef"), (VisiumKeys.IMAGE_LOWRES_FILE.value, "tissue_lowres_scalef")):
+    for name, key in (
+        (VisiumKeys.IMAGE_HIRES_FILE.value, "tissue_hires_scalef"),
+        (VisiumKeys.IMAGE_LOWRES_FILE.value, "tissue_lowres_scalef"),
+    ):
         if (root / name).is_file() and key in factors:
             return root / name, float(factors[key])
     return None
@@ -174,6 +181,7 @@ def read_visium(
     --------
     >>> sdata = read_visium("outs", sample_id="V1_Mouse_Brain")  # doctest: +SKIP
     >>> hest_zarr.write(sdata, "V1_Mouse_Brain.zarr")  # doctest: +SKIP
+
     """
     root = Path(path)
     if not root.is_dir():
@@ -246,9 +254,7 @@ def read_visium(
         )
         elements[Elements.HE] = ElementRecord(
             kind="images",
-            provenance=Provenance(
-                inputs=[str(image_path)], parameters={"scale_to_fullres": 1 / scale}, **provenance
-            ),
+            provenance=Provenance(inputs=[str(image_path)], parameters={"scale_to_fullres": 1 / scale}, **provenance),
         )
 
     genome = str(adata.var["genome"].iloc[0]) if "genome" in adata.var and adata.n_vars else None

@@ -49,6 +49,7 @@ def export_json_schemas(directory: str | Path) -> list[Path]:
     Examples
     --------
     >>> export_json_schemas("schemas")  # doctest: +SKIP
+
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

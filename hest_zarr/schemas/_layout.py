@@ -61,7 +61,7 @@ class Provenance(BaseModel):
     estimated_error_um: float | None = Field(
         None, ge=0, description="Estimated positional error in micrometres.", json_schema_extra={"unit": "um"}
     )
-    created: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    created: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
     hest_zarr_version: str | None = None
 
 
@@ -82,6 +82,7 @@ class StoreRecord(BaseModel):
     >>> meta = SampleMetadata(id="V1", st_technology="Visium")
     >>> StoreRecord(metadata=meta, pixel_size_um=0.5).schema_version
     '1.0.0'
+
     """
 
     model_config = ConfigDict(extra="forbid")

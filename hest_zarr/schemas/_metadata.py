@@ -46,6 +46,7 @@ def magnification_from_pixel_size(pixel_size_um: float) -> Magnification:
     '40x'
     >>> magnification_from_pixel_size(0.7)
     '20x'
+
     """
     if not pixel_size_um > 0:
         raise ValueError(f"pixel size must be positive, got {pixel_size_um!r} um/px")
@@ -69,6 +70,7 @@ class SampleMetadata(BaseModel):
     --------
     >>> SampleMetadata(id="MOB1", st_technology="Spatial Transcriptomics", species="Mus musculus").magnification is None
     True
+
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -214,6 +216,7 @@ def read_hest_metadata_csv(path: str | Path) -> tuple[list[SampleMetadata], list
     >>> samples, notes = read_hest_metadata_csv("../shared/data/hest/HEST_v1_1_0.csv")  # doctest: +SKIP
     >>> len(samples)  # doctest: +SKIP
     1229
+
     """
     import pandas as pd
     from pydantic import ValidationError

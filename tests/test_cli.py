@@ -1,0 +1,70 @@
+"""The hest-zarr command line: info, validate, convert and demo, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import scanpy as sc
+from typer.testing import CliRunner
+
+import hest_zarr
+from hest_zarr.cli import app
+from hest_zarr.demo import demo_sample_path
+
+runner = CliRunner()
+
+
+def test_convert_then_info_json(perik_visium: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.zarr"
+    result = runner.invoke(
+        app,
+        ["convert", str(perik_visium), str(out), "--technology", "visium", "--sample-id", "perik", "--codec", "jpeg"],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["schema_version"] == "1.0.0"
+    assert summary["metadata"]["id"] == "perik"
+    assert summary["elements"]["spot_expression"] == {
+        "kind": "tables",
+        "name": "spot_expression",
+        "n_obs": 2898,
+        "n_vars": 19465,
+        "region": "spots",
+    }
+    assert summary["elements"]["spots"]["n_rows"] == 2898
+    assert summary["elements"]["spots"]["coordinate_systems"] == ["global", "um"]
+    assert summary["elements"]["he"]["shape"] == [3, 600, 600]
+
+
+def test_validate_exit_codes_and_one_line_errors(scanpy_visium: Path, perik_visium: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    assert runner.invoke(app, ["convert", str(perik_visium), str(out)]).exit_code == 0
+    assert runner.invoke(app, ["validate", str(out)]).exit_code == 0
+    (out / "images" / "he" / "s0" / "c" / "0" / "0" / "0").write_bytes(b"garbage")
+    result = runner.invoke(app, ["validate", str(out)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "he: s0 chunk c/0/0/0: cannot be decoded" in lines[0], result.stderr
+    for args, message in (
+        (["info", str(tmp_path / "missing.zarr")], "no such store"),
+        (["info", str(scanpy_visium)], "not a zarr store"),
+        (["validate", str(tmp_path / "missing.zarr")], "no such store"),
+        (["convert", str(tmp_path), str(tmp_path / "x.zarr")], "cannot tell the technology"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1
+        assert "Traceback" not in result.output + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_demo_converts_the_bundled_sample(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", str(tmp_path / "demo.zarr")])
+    assert result.exit_code == 0, result.output
+    assert "spot_expression" in result.stdout and "100 obs x 100 vars" in result.stdout
+    table = hest_zarr.open(tmp_path / "demo.zarr")["spot_expression"]
+    reference = sc.read_10x_h5(demo_sample_path() / "filtered_feature_bc_matrix.h5")
+    assert (table.X != reference.X.astype("int32")).nnz == 0

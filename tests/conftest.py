@@ -93,3 +93,27 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[s
     s3_server.reset()
     yield f"s3://{name}"
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """Serve a fresh folder over HTTP on 127.0.0.1 with Range support (as static object hosting does)."""
+    import functools
+    from http.server import ThreadingHTTPServer
+
+    from RangeHTTPServer import RangeRequestHandler
+
+    class QuietHandler(RangeRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

@@ -68,3 +68,23 @@ def test_demo_converts_the_bundled_sample(tmp_path: Path) -> None:
     table = hest_zarr.open(tmp_path / "demo.zarr")["spot_expression"]
     reference = sc.read_10x_h5(demo_sample_path() / "filtered_feature_bc_matrix.h5")
     assert (table.X != reference.X.astype("int32")).nnz == 0
+
+
+def test_wrong_schema_version_and_unreachable_url_are_one_line(scanpy_visium: Path, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    out = tmp_path / "s.zarr"
+    assert runner.invoke(app, ["convert", str(scanpy_visium), str(out)]).exit_code == 0
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["hest_zarr"]["schema_version"] = "0.1.0"
+    (out / "zarr.json").write_text(json.dumps(meta))
+    port = free_port()
+    for args, message in (
+        (["info", str(out)], "schema version '0.1.0' is not supported"),
+        (["validate", str(out)], "schema version '0.1.0' is not supported"),
+        (["info", f"http://127.0.0.1:{port}/s.zarr"], "cannot reach the server"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and str(args[1]) in lines[0], result.stderr

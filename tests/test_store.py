@@ -307,3 +307,45 @@ def test_validate_reports_every_problem_with_element_and_field(tmp_path: Path, p
     meta_path.write_text(json.dumps(meta))
     problems = {(p.element, p.field) for p in hest_zarr.validate(url, check_data=False)}
     assert problems == {("record", "metadata.species"), ("spots", "provenance")}
+
+
+def test_https_style_store_opens_lazily_over_http(http_root, perik_visium: Path) -> None:
+    """A store on static HTTP hosting (Range requests, no listing needed) opens with consolidated metadata."""
+    folder, base = http_root
+    hest_zarr.write(read_visium(perik_visium), folder / "perik.zarr", chunk_size=256)
+    remote = hest_zarr.open(f"{base}/perik.zarr")
+    local = spatialdata.read_zarr(folder / "perik.zarr")
+    np.testing.assert_array_equal(remote["he"].data[:, 250:300, 250:300].compute(), level0(local)[:, 250:300, 250:300])
+    assert (remote["spot_expression"].X != local["spot_expression"].X).nnz == 0
+    assert remote["spots"].geometry.equals(local["spots"].geometry)
+
+
+def test_points_round_trip_through_s3_keep_every_transcript(s3_server, s3_bucket: str) -> None:
+    """Real Xenium molecules as a points element (micrometres, scaled to pixels) survive S3 unchanged."""
+    from spatialdata.models import PointsModel
+
+    transcripts = pd.read_parquet(shared("SFE", "xenium", "transcripts.parquet"))
+    transcripts["feature_name"] = transcripts["feature_name"].astype("category")
+    pixel_size = 0.2125
+    points = PointsModel.parse(
+        transcripts[["x_location", "y_location", "feature_name", "qv", "cell_id"]],
+        coordinates={"x": "x_location", "y": "y_location"},
+        feature_key="feature_name",
+        transformations={"global": Scale([1 / pixel_size] * 2, axes=("x", "y")), "um": Identity()},
+    )
+    sdata = SpatialData(points={"transcripts": points})
+    hest_zarr.set_record(
+        sdata,
+        StoreRecord(
+            metadata=SampleMetadata(id="xenium-crop", st_technology="Xenium"),
+            pixel_size_um=pixel_size,
+            elements={"transcripts": ElementRecord(kind="points", provenance=Provenance(converter="test"))},
+        ),
+    )
+    url = f"{s3_bucket}/xenium.zarr"
+    hest_zarr.write(sdata, url, storage_options=s3_server.storage_options)
+    remote = hest_zarr.open(url, storage_options=s3_server.storage_options)["transcripts"].compute()
+    assert len(remote) == len(transcripts) == 5260
+    np.testing.assert_array_equal(remote["x"].to_numpy(), transcripts["x_location"].to_numpy())
+    assert (remote["feature_name"].astype(str).to_numpy() == transcripts["feature_name"].astype(str).to_numpy()).all()
+    assert hest_zarr.validate(url, storage_options=s3_server.storage_options) == []

@@ -212,10 +212,14 @@ def open(url: str | Path, storage_options: StorageOptions = None) -> SpatialData
 
 
 def _open_zarr_group(location: _Location, mode: str = "r") -> zarr.Group:
-    store = zarr.storage.FsspecStore.from_url(
-        location.url, storage_options=location.storage_options or None, read_only=(mode == "r")
-    )
-    return zarr.open_group(store, mode=mode)
+    options = dict(location.storage_options)
+    if "s3" in _protocols(location.fs):
+        # s3fs sends a HEAD before every whole-object GET when it may split large objects into
+        # concurrent ranges; chunks are small and fetched concurrently already, so that HEAD only
+        # doubles the requests (and the latency) of every chunk read.
+        options.setdefault("max_concurrency", 1)
+    store = zarr.storage.FsspecStore.from_url(location.url, storage_options=options or None, read_only=(mode == "r"))
+    return zarr.open_group(store, mode=mode, zarr_format=3)
 
 
 def _read_remote(location: _Location, attributes: dict[str, Any]) -> SpatialData:

@@ -49,8 +49,8 @@ from hest_zarr.errors import (
 from hest_zarr.schemas import (
     REQUIRED_COORDINATE_SYSTEMS,
     SUPPORTED_SCHEMA_VERSIONS,
-    TABLE_REGIONS,
     StoreRecord,
+    annotated_region,
     expected_kind,
 )
 
@@ -528,7 +528,7 @@ def _check_table(sdata: SpatialData, name: str, table: Any) -> list[Problem]:
 
     problems = []
     attrs = table.uns.get(TableModel.ATTRS_KEY, {})
-    region = TABLE_REGIONS.get(name)
+    region = annotated_region(name)
     if region is not None:
         if attrs.get("region") != region:
             problems.append(Problem(name, "region", f"must annotate '{region}', annotates {attrs.get('region')!r}"))

@@ -20,17 +20,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, Scale
 from spatialdata_io._constants._constants import VisiumKeys
 
-import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr._constants import Elements, Keys
+from hest_zarr.converters._common import (
+    build_sample,
+    circle_spots,
+    expression_table,
+    frame_transformations,
+    integer_counts,
+)
 from hest_zarr.errors import InputError
-from hest_zarr.schemas import ElementRecord, Provenance, SampleMetadata, StoreRecord, magnification_from_pixel_size
-from hest_zarr.store import set_record
+from hest_zarr.schemas import SampleMetadata
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_INTER_SPOT_DISTANCE_UM = 100.0
@@ -73,10 +77,7 @@ def read_counts(path: Path) -> AnnData:
         raise InputError(f"{path}: incomplete matrix ({err})") from err
     except Exception as err:  # h5py raises OSError/KeyError, scanpy ValueError on damaged files
         raise InputError(f"{path}: not a readable 10x feature-barcode matrix ({type(err).__name__}: {err})") from err
-    matrix = sparse.csr_matrix(adata.X)
-    if matrix.nnz and not np.array_equal(matrix.data, np.round(matrix.data)):
-        raise InputError(f"{path}: counts are not integers (expected raw UMI counts)")
-    adata.X = matrix.astype(np.int32)
+    adata.X = integer_counts(adata.X, str(path))
     return adata
 
 
@@ -204,38 +205,23 @@ def read_visium(
     positions = positions.loc[adata.obs_names]
     spot_diameter_px = float(factors["spot_diameter_fullres"])
     pixel_size_um = VISIUM_SPOT_DIAMETER_UM / spot_diameter_px
-    to_um = Scale([pixel_size_um, pixel_size_um], axes=("x", "y"))
-
     barcodes = adata.obs_names.astype(str)
     centres = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
-    spots = ShapesModel.parse(
-        centres,
-        geometry=0,
-        radius=np.full(len(barcodes), spot_diameter_px / 2),
-        index=pd.Index(barcodes, name=Keys.SPOT_ID),
-        transformations={CoordinateSystems.GLOBAL: Identity(), CoordinateSystems.UM: to_um},
+    spots = circle_spots(centres, spot_diameter_px / 2, barcodes, pixel_size_um)
+    table = expression_table(
+        adata.X,
+        barcodes,
+        adata.var,
+        obs_columns={
+            c: positions[c].to_numpy(dtype=np.int32) for c in (Keys.ARRAY_ROW, Keys.ARRAY_COL, Keys.IN_TISSUE)
+        },
+        source=str(counts_path),
     )
-
-    obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
-    obs[Keys.SPOT_ID] = barcodes
-    obs[Keys.REGION] = pd.Categorical([Elements.SPOTS] * len(barcodes))
-    for column in (Keys.ARRAY_ROW, Keys.ARRAY_COL, Keys.IN_TISSUE):
-        obs[column] = positions[column].to_numpy(dtype=np.int32)
-    table = TableModel.parse(
-        AnnData(X=adata.X, obs=obs, var=adata.var.copy()),
-        region=Elements.SPOTS,
-        region_key=Keys.REGION,
-        instance_key=Keys.SPOT_ID,
-    )
-
-    inputs = [str(counts_path), str(positions_path), str(factors_path)]
-    provenance = {"converter": "visium", "hest_zarr_version": hest_zarr.__version__}
-    elements: dict[str, ElementRecord] = {
-        Elements.SPOTS: ElementRecord(kind="shapes", provenance=Provenance(inputs=inputs, **provenance)),
-        Elements.SPOT_EXPRESSION: ElementRecord(kind="tables", provenance=Provenance(inputs=inputs, **provenance)),
-    }
+    spot_inputs = [str(counts_path), str(positions_path), str(factors_path)]
+    inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}
     images: dict[str, Any] = {}
-    fullres_shape: tuple[int, int] | None = None
+    parameters: dict[str, dict[str, Any]] = {}
+    measured: dict[str, Any] = {}
     picked = _pick_image(root, Path(image) if image is not None else None, factors)
     if picked is not None:
         image_path, scale = picked
@@ -247,36 +233,35 @@ def read_visium(
             pixels,
             dims=("c", "y", "x"),
             c_coords=["r", "g", "b"],
-            transformations={
-                CoordinateSystems.GLOBAL: to_global,
-                CoordinateSystems.UM: Scale([pixel_size_um / scale] * 2, axes=("x", "y")),
-            },
+            transformations=frame_transformations(pixel_size_um, to_global),
         )
-        elements[Elements.HE] = ElementRecord(
-            kind="images",
-            provenance=Provenance(inputs=[str(image_path)], parameters={"scale_to_fullres": 1 / scale}, **provenance),
-        )
+        inputs[Elements.HE] = [str(image_path)]
+        parameters[Elements.HE] = {"scale_to_fullres": 1 / scale}
+        if scale == 1.0:
+            measured.update(fullres_px_height=fullres_shape[0], fullres_px_width=fullres_shape[1])
 
     genome = str(adata.var["genome"].iloc[0]) if "genome" in adata.var and adata.n_vars else None
-    measured: dict[str, Any] = {
-        "id": sample_id or root.name,
-        "st_technology": "Visium",
-        "species": _GENOME_SPECIES.get(genome),
-        "spot_diameter": VISIUM_SPOT_DIAMETER_UM,
-        "inter_spot_dist": VISIUM_INTER_SPOT_DISTANCE_UM,
-        "spots_under_tissue": int(positions[Keys.IN_TISSUE].sum()),
-        "nb_genes": int(adata.n_vars),
-        "pixel_size_um_estimated": pixel_size_um,
-        "magnification": magnification_from_pixel_size(pixel_size_um),
-    }
-    if fullres_shape is not None and scale == 1.0:
-        measured.update(fullres_px_height=fullres_shape[0], fullres_px_width=fullres_shape[1])
-    known = metadata.model_dump(exclude_none=True) if metadata is not None else {}
-    merged = {**{k: v for k, v in measured.items() if v is not None}, **known}
-    record = StoreRecord(metadata=SampleMetadata(**merged), pixel_size_um=pixel_size_um, elements=elements)
-    sdata = SpatialData(images=images, shapes={Elements.SPOTS: spots}, tables={Elements.SPOT_EXPRESSION: table})
-    set_record(sdata, record)
-    return sdata
+    measured.update(
+        id=sample_id or root.name,
+        st_technology="Visium",
+        species=_GENOME_SPECIES.get(genome),
+        spot_diameter=VISIUM_SPOT_DIAMETER_UM,
+        inter_spot_dist=VISIUM_INTER_SPOT_DISTANCE_UM,
+        spots_under_tissue=int(positions[Keys.IN_TISSUE].sum()),
+        nb_genes=int(adata.n_vars),
+        pixel_size_um_estimated=pixel_size_um,
+    )
+    return build_sample(
+        converter="visium",
+        metadata=measured,
+        pixel_size_um=pixel_size_um,
+        inputs=inputs,
+        known_metadata=metadata,
+        images=images,
+        shapes={Elements.SPOTS: spots},
+        tables={Elements.SPOT_EXPRESSION: table},
+        parameters=parameters,
+    )
 
 
 def _check_image_covers_spots(image_path: Path, fullres_shape: tuple[int, int], centres: np.ndarray) -> None:

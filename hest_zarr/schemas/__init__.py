@@ -15,6 +15,7 @@ from hest_zarr.schemas._layout import (
     ElementRecord,
     Provenance,
     StoreRecord,
+    annotated_region,
     expected_kind,
 )
 from hest_zarr.schemas._metadata import (
@@ -74,6 +75,7 @@ __all__ = [
     "Provenance",
     "SampleMetadata",
     "StoreRecord",
+    "annotated_region",
     "expected_kind",
     "export_json_schemas",
     "json_schemas",

@@ -42,11 +42,41 @@ TABLE_REGIONS: dict[str, str] = {
 REQUIRED_COORDINATE_SYSTEMS: tuple[str, ...] = (CoordinateSystems.GLOBAL, CoordinateSystems.UM)
 
 
+def _base_name(name: str) -> str:
+    """``spots_square_008um`` -> ``spots``: several spot sets (Visium HD bin sizes) share a base name."""
+    for base in (Elements.SPOT_EXPRESSION, Elements.SPOTS):
+        if name.startswith(base + "_"):
+            return base
+    return name
+
+
 def expected_kind(name: str) -> ElementKind | None:
-    """Return the kind an element of this name must have, or ``None`` for a name the layout does not know."""
+    """Return the kind an element of this name must have, or ``None`` for a name the layout does not know.
+
+    Examples
+    --------
+    >>> expected_kind("spots_square_008um"), expected_kind("embeddings_uni"), expected_kind("foo")
+    ('shapes', 'tables', None)
+
+    """
     if name.startswith(Elements.EMBEDDINGS_PREFIX):
         return "tables"
-    return ELEMENT_KINDS.get(name)
+    return ELEMENT_KINDS.get(_base_name(name))
+
+
+def annotated_region(table_name: str) -> str | None:
+    """Return the shapes element an expression table must annotate (``None`` for other tables).
+
+    Examples
+    --------
+    >>> annotated_region("spot_expression"), annotated_region("spot_expression_square_008um")
+    ('spots', 'spots_square_008um')
+
+    """
+    base = _base_name(table_name)
+    if base not in TABLE_REGIONS:
+        return None
+    return TABLE_REGIONS[base] + table_name.removeprefix(base)
 
 
 class Provenance(BaseModel):

@@ -53,10 +53,15 @@ StorageOptionsOption = Annotated[
 
 
 class Technology(StrEnum):
-    """Technologies ``convert`` understands (more arrive with the converter family)."""
+    """Technologies ``convert`` understands."""
 
     auto = "auto"
     visium = "visium"
+    visium_hd = "visium-hd"
+    xenium = "xenium"
+    st = "st"
+    legacy = "legacy"
+    hest = "hest"
 
 
 class Codec(StrEnum):
@@ -156,10 +161,19 @@ def validate(
 
 @app.command()
 def convert(
-    input: Annotated[Path, typer.Argument(help="Source folder (e.g. Space Ranger outs/).")],  # noqa: A002
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT", help="Space Ranger outs/, Visium HD or Xenium folder, HEST-1k root, or ST table."
+        ),
+    ],
     output: Annotated[str, typer.Argument(help="Store path or URL to write.")],
-    technology: Annotated[Technology, typer.Option(help="Source technology.")] = Technology.auto,
+    technology: Annotated[Technology, typer.Option(help="Source technology (auto: from the files).")] = Technology.auto,
     image: Annotated[Path | None, typer.Option(help="Full-resolution H&E image.")] = None,
+    alignment: Annotated[
+        Path | None, typer.Option(help="ST v1 spot-detector table, or Xenium H&E alignment CSV.")
+    ] = None,
+    coordinates: Annotated[Path | None, typer.Option(help="Coordinate table of a legacy expression table.")] = None,
     sample_id: Annotated[str | None, typer.Option(help="Sample id (default: folder name).")] = None,
     metadata: Annotated[Path | None, typer.Option(help="HEST-1k metadata CSV to fill metadata from.")] = None,
     codec: Annotated[Codec, typer.Option(help="Image codec.")] = Codec.zstd,
@@ -170,21 +184,27 @@ def convert(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Convert a sample into a store."""
-    from hest_zarr.converters import read_visium
+    from hest_zarr.converters import read_sample
     from hest_zarr.errors import InputError
     from hest_zarr.schemas import metadata_by_id, read_hest_metadata_csv
     from hest_zarr.store import write
 
     with _clear_errors():
-        if technology is Technology.auto and not (input / "spatial").is_dir():
-            raise InputError(f"{input}: cannot tell the technology (no spatial/ folder); pass --technology")
         known = None
         if metadata is not None:
-            sid = sample_id or input.name
+            sid = sample_id or source.name
             known = metadata_by_id(read_hest_metadata_csv(metadata)[0]).get(sid)
             if known is None:
                 raise InputError(f"{metadata}: no row with id {sid!r}")
-        sdata = read_visium(input, image=image, sample_id=sample_id, metadata=known)
+        sdata = read_sample(
+            source,
+            technology=technology.value,
+            image=image,
+            alignment=alignment,
+            coordinates=coordinates,
+            sample_id=sample_id,
+            metadata=known,
+        )
         with _progress(progress):
             url = write(
                 sdata,

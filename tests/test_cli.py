@@ -52,7 +52,7 @@ def test_validate_exit_codes_and_one_line_errors(scanpy_visium: Path, perik_visi
         (["info", str(tmp_path / "missing.zarr")], "no such store"),
         (["info", str(scanpy_visium)], "not a zarr store"),
         (["validate", str(tmp_path / "missing.zarr")], "no such store"),
-        (["convert", str(tmp_path), str(tmp_path / "x.zarr")], "cannot tell the technology"),
+        (["convert", str(tmp_path), str(tmp_path / "x.zarr")], "unknown folder layout"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1

@@ -1,0 +1,474 @@
+"""The Xenium converter on real Xenium Onboard Analysis files (SFE crop, spatialdata-io manifests), and its errors.
+
+Expectations are computed in each test from the raw files with pandas, pyarrow, scanpy, tifffile or numpy,
+never with the converter's own helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scanpy as sc
+import shapely
+import tifffile
+from PIL import Image
+from spatialdata import transform
+from spatialdata.transformations import Identity, get_transformation
+
+import hest_zarr
+from hest_zarr.converters.xenium import (
+    XeniumFrame,
+    read_alignment,
+    read_boundaries,
+    read_cell_feature_matrix,
+    read_cells,
+    read_experiment,
+    read_morphology,
+    read_transcripts,
+    read_xenium,
+)
+from hest_zarr.errors import InputError
+from hest_zarr.store import get_record
+from tests.conftest import shared
+
+SFE_CELLS = 526
+SFE_TRANSCRIPTS = 5260
+COVERAGE_WARNING = r"morphology_focus.ome.tif: the image spans x 0-50.4, y 0-50.4 um"
+
+
+@pytest.fixture
+def sfe() -> Path:
+    return shared("SFE", "xenium")
+
+
+def folder_copy(source: Path, tmp_path: Path, *, skip: tuple[str, ...] = ()) -> Path:
+    """A writable copy of a Xenium folder (symlinks), without the files named in ``skip``."""
+    target = tmp_path / source.name
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name not in skip:
+            os.symlink(path, target / path.name)
+    return target
+
+
+def read_sfe(folder: Path, **kwargs):
+    """Read the SFE crop, whose 237 px morphology image is downscaled: the converter must say so."""
+    with pytest.warns(UserWarning, match=COVERAGE_WARNING):
+        return read_xenium(folder, **kwargs)
+
+
+def raw_boundaries(path: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if isinstance(frame["cell_id"].iloc[0], bytes):
+        frame["cell_id"] = frame["cell_id"].map(bytes.decode)
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------- transcripts
+@pytest.mark.parametrize("name", ["transcripts.parquet", "transcripts.csv.gz"])
+def test_every_transcript_is_kept(sfe: Path, name: str) -> None:
+    raw = pd.read_parquet(sfe / name) if name.endswith("parquet") else pd.read_csv(sfe / name)
+    points = read_transcripts(sfe / name).compute()
+    assert len(points) == len(raw) == SFE_TRANSCRIPTS
+    assert isinstance(points["gene"].dtype, pd.CategoricalDtype)
+    assert (
+        points["gene"].astype(str).value_counts().sort_index().equals(raw["feature_name"].value_counts().sort_index())
+    )
+    assert {"BLANK_0070", "BLANK_0464", "NegControlProbe_00003"} <= set(points["gene"].cat.categories)
+    by_id = points.set_index("transcript_id").loc[raw["transcript_id"]]
+    np.testing.assert_array_equal(by_id["x"], raw["x_location"])
+    np.testing.assert_array_equal(by_id["y"], raw["y_location"])
+    np.testing.assert_array_equal(by_id["qv"], raw["qv"])
+    np.testing.assert_array_equal(by_id["z_location"], raw["z_location"])
+    assert (by_id["cell_id"].astype(str).to_numpy() == raw["cell_id"].astype(str).to_numpy()).all()
+    assert int((by_id["cell_id"] == "UNASSIGNED").sum()) == 9
+
+
+def test_transcripts_are_read_by_row_group(sfe: Path, tmp_path: Path) -> None:
+    """The real transcripts rewritten in 1,000-row groups: each group is one lazy partition."""
+    raw = pd.read_parquet(sfe / "transcripts.parquet")
+    raw.to_parquet(tmp_path / "transcripts.parquet", row_group_size=1000)
+    points = read_transcripts(tmp_path / "transcripts.parquet", blocksize=1)
+    assert points.npartitions == 6
+    assert len(points) == SFE_TRANSCRIPTS
+
+
+# ----------------------------------------------------------------------------------------------- boundaries
+@pytest.mark.parametrize("kind", ["cell", "nucleus"])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv.gz"])
+def test_boundaries_keep_every_cell_and_vertex(sfe: Path, kind: str, suffix: str) -> None:
+    path = sfe / f"{kind}_boundaries{suffix}"
+    raw = raw_boundaries(path)
+    polygons = read_boundaries(path)
+    assert len(polygons) == raw["cell_id"].nunique() == SFE_CELLS
+    assert polygons.index.tolist() == raw["cell_id"].drop_duplicates().tolist()
+    np.testing.assert_array_equal(shapely.get_coordinates(polygons.geometry.values), raw[["vertex_x", "vertex_y"]])
+    assert set(polygons.geom_type) == {"Polygon"}
+    assert (polygons["source"] == "xenium").all()
+
+
+def test_polygon_rows_must_be_contiguous(sfe: Path, tmp_path: Path) -> None:
+    shuffled = raw_boundaries(sfe / "cell_boundaries.parquet").sample(frac=1, random_state=0)
+    shuffled.to_parquet(tmp_path / "cell_boundaries.parquet")
+    with pytest.raises(InputError, match=r"cell_boundaries.parquet: the vertices of each polygon must be contiguous"):
+        read_boundaries(tmp_path / "cell_boundaries.parquet")
+
+
+def test_multinucleate_cells_keep_every_nucleus(sfe: Path, tmp_path: Path) -> None:
+    """Synthetic XOA >= 2 layout: the real nuclei get a ``label_id`` each, and one cell a second (shifted) nucleus."""
+    nuclei = raw_boundaries(sfe / "nucleus_boundaries.parquet")
+    nuclei["label_id"] = nuclei.groupby("cell_id", sort=False).ngroup() + 1
+    first = nuclei[nuclei["cell_id"] == nuclei["cell_id"].iloc[0]].assign(label_id=len(nuclei) + 1)
+    first[["vertex_x", "vertex_y"]] += 3.0
+    pd.concat([nuclei, first]).to_parquet(tmp_path / "nucleus_boundaries.parquet")
+    polygons = read_boundaries(tmp_path / "nucleus_boundaries.parquet")
+    assert len(polygons) == SFE_CELLS + 1
+    owner = nuclei["cell_id"].iloc[0]
+    assert polygons.loc[[f"{owner}_0", f"{owner}_1"], "cell_id"].tolist() == [owner, owner]
+    assert polygons["cell_id"].nunique() == SFE_CELLS
+    assert not polygons.index.has_duplicates
+
+
+def test_polygon_of_two_vertices(sfe: Path, tmp_path: Path) -> None:
+    vertices = raw_boundaries(sfe / "cell_boundaries.csv.gz")
+    second = vertices["cell_id"].drop_duplicates().iloc[1]
+    keep = (vertices["cell_id"] != second) | (vertices.groupby("cell_id").cumcount() < 2)
+    vertices[keep].to_csv(tmp_path / "cell_boundaries.csv.gz", index=False)
+    with pytest.raises(
+        InputError, match=rf"cell_boundaries.csv.gz: 1 polygon\(s\) with fewer than 3 vertices .*{second}"
+    ):
+        read_boundaries(tmp_path / "cell_boundaries.csv.gz")
+
+
+def test_byte_string_columns_are_decoded(sfe: Path, tmp_path: Path) -> None:
+    """XOA 1.x parquet stores names and ids as binary: the real transcripts rewritten that way."""
+    raw = pd.read_parquet(sfe / "transcripts.parquet")
+    binary = raw.assign(
+        feature_name=raw["feature_name"].str.encode("utf-8"), cell_id=raw["cell_id"].str.encode("utf-8")
+    )
+    binary.to_parquet(tmp_path / "transcripts.parquet")
+    assert pq.read_schema(tmp_path / "transcripts.parquet").field("feature_name").type == pa.binary()
+    points = read_transcripts(tmp_path / "transcripts.parquet").compute()
+    assert (
+        points["gene"].astype(str).value_counts().sort_index().equals(raw["feature_name"].value_counts().sort_index())
+    )
+    assert sorted(points["cell_id"].astype(str)) == sorted(raw["cell_id"])
+
+
+def test_morphology_focus_of_xoa_3_from_the_manifest(sfe: Path, tmp_path: Path) -> None:
+    """XOA 3 layout (``morphology_focus/morphology_focus_0000.ome.tif``, named by the real 3.0.0 manifest) holding
+    the real SFE focus image."""
+    folder = folder_copy(sfe, tmp_path, skip=("morphology_focus.ome.tif", "morphology_mip.ome.tif"))
+    (folder / "morphology_focus").mkdir()
+    os.symlink(sfe / "morphology_focus.ome.tif", folder / "morphology_focus" / "morphology_focus_0000.ome.tif")
+    os.symlink(
+        shared("spatialdata-io_experiment_xenium", "xenium-3.0.0", "experiment.xenium"), folder / "experiment.xenium"
+    )
+    with pytest.warns(UserWarning, match=r"morphology_focus_0000.ome.tif: the image spans"):
+        sdata = read_xenium(folder)
+    np.testing.assert_array_equal(sdata["dapi"].values[0], tifffile.imread(sfe / "morphology_focus.ome.tif"))
+    assert get_record(sdata).elements["transcripts"].provenance.parameters["panel_design_id"] == "mAtlas_v1"
+
+
+def test_z_stack_is_projected_by_its_maximum(sfe: Path, tmp_path: Path) -> None:
+    """A two-plane ``morphology.ome.tif`` (z-stack) built from the real focus and MIP images."""
+    planes = np.stack(
+        [tifffile.imread(sfe / "morphology_focus.ome.tif"), tifffile.imread(sfe / "morphology_mip.ome.tif")]
+    )
+    planes[1, :10] = 65535  # make the planes differ
+    tifffile.imwrite(tmp_path / "morphology.ome.tif", planes, ome=True, metadata={"axes": "ZYX"})
+    dapi = read_morphology(tmp_path / "morphology.ome.tif")
+    assert dapi.shape == (1, 237, 237)
+    np.testing.assert_array_equal(dapi.values[0], planes.max(axis=0))
+
+
+# ----------------------------------------------------------------------------------------------- the sample
+def test_cell_expression_equals_scanpy_and_flags_controls(sfe: Path) -> None:
+    sdata = read_sfe(sfe)
+    table = sdata["cell_expression"]
+    reference = sc.read_10x_h5(sfe / "cell_feature_matrix.h5", gex_only=False)
+    assert table.shape == reference.shape == (SFE_CELLS, 30)
+    assert table.var_names.tolist() == reference.var_names.tolist()
+    assert (table.X != reference.X).nnz == 0
+    assert int(table.X.sum()) == int(reference.X.sum()) == 45_729
+    assert table.obs["spot_id"].tolist() == reference.obs_names.tolist()
+    assert table.obs["spot_id"].isin(sdata["cells"].index).all()
+    expected_controls = reference.var_names[reference.var["feature_types"] != "Gene Expression"]
+    assert sorted(table.var_names[table.var["is_control"]]) == sorted(expected_controls)
+    assert {"BLANK_0070", "BLANK_0464", "NegControlProbe_00003"} == set(expected_controls)
+    summary = pd.read_parquet(sfe / "cells.parquet").set_index("cell_id").loc[reference.obs_names]
+    np.testing.assert_array_equal(table.obs["transcript_counts"], summary["transcript_counts"])
+    np.testing.assert_array_equal(table.obs["x_centroid"], summary["x_centroid"])
+    record = get_record(sdata)
+    assert record.metadata.nb_genes == 27
+    assert record.metadata.st_technology == "Xenium"
+
+
+def test_store_writes_validates_and_reopens(sfe: Path, tmp_path: Path) -> None:
+    sdata = read_sfe(sfe, sample_id="SFE_crop")
+    url = hest_zarr.write(sdata, tmp_path / "sample.zarr")
+    assert hest_zarr.validate(url) == []
+    reopened = hest_zarr.open(url)
+    assert len(reopened["transcripts"]) == SFE_TRANSCRIPTS
+    assert len(reopened["cells"]) == len(reopened["nuclei"]) == SFE_CELLS
+    assert reopened["cell_expression"].shape == (SFE_CELLS, 30)
+    dapi = reopened["dapi"]
+    dapi = dapi["scale0"].image if hasattr(dapi, "children") else dapi
+    assert dapi.dtype == np.uint16
+    assert dapi.coords["c"].values.tolist() == ["DAPI"]
+    np.testing.assert_array_equal(dapi.values[0], tifffile.imread(sfe / "morphology_focus.ome.tif"))
+    transformations = get_transformation(reopened["transcripts"], get_all=True)
+    assert isinstance(transformations["um"], Identity)
+    np.testing.assert_allclose(
+        transformations["global"].to_affine_matrix(("x", "y"), ("x", "y")).diagonal()[:2], 1 / 0.2125
+    )
+    record = get_record(reopened)
+    assert record.pixel_size_um == 0.2125
+    assert record.metadata.id == "SFE_crop"
+    assert "no experiment.xenium" in record.elements["transcripts"].provenance.parameters["pixel_size_note"]
+    assert record.elements["dapi"].provenance.parameters["covers_cells"] is False
+
+
+def test_mip_and_csv_files_when_focus_and_parquet_are_absent(sfe: Path, tmp_path: Path) -> None:
+    folder = folder_copy(
+        sfe,
+        tmp_path,
+        skip=("morphology_focus.ome.tif", "transcripts.parquet", "cell_boundaries.parquet", "cells.parquet"),
+    )
+    with pytest.warns(UserWarning, match=r"morphology_mip.ome.tif: the image spans"):
+        sdata = read_xenium(folder)
+    np.testing.assert_array_equal(sdata["dapi"].values[0], tifffile.imread(sfe / "morphology_mip.ome.tif"))
+    assert len(sdata["transcripts"]) == len(pd.read_csv(sfe / "transcripts.csv.gz"))
+    assert sdata["cells"].index.tolist() == pd.read_csv(sfe / "cells.csv.gz")["cell_id"].tolist()
+    inputs = get_record(sdata).elements
+    assert inputs["transcripts"].provenance.inputs[0].endswith("transcripts.csv.gz")
+    assert inputs["cell_expression"].provenance.inputs[1].endswith("cells.csv.gz")
+
+
+# ----------------------------------------------------------------------------------------------- experiment.xenium
+@pytest.mark.parametrize(
+    ("version", "panel"),
+    [("xenium-1.0.2", "Xenium Mouse Brain GEX"), ("xenium-3.0.0", "Xenium Mouse 5K Pan Tissue & Pathways Panel")],
+)
+def test_experiment_manifest_is_parsed(version: str, panel: str) -> None:
+    folder = shared("spatialdata-io_experiment_xenium", version)
+    experiment = read_experiment(folder)
+    assert experiment.pixel_size_um == json.loads((folder / "experiment.xenium").read_text())["pixel_size"] == 0.2125
+    assert experiment.note is None
+    assert experiment.source == str(folder / "experiment.xenium")
+    assert experiment.species == "Mus musculus"
+    assert experiment.preservation_method == "Fresh Frozen"
+    assert experiment.provenance()["panel_name"] == panel
+
+
+def test_pixel_size_comes_from_the_manifest(sfe: Path, tmp_path: Path) -> None:
+    """The real XOA 3.0.0 manifest with its pixel size edited to 0.5 um: the converter must use the file's value."""
+    specs = json.loads(shared("spatialdata-io_experiment_xenium", "xenium-3.0.0", "experiment.xenium").read_text())
+    specs["pixel_size"] = 0.5
+    folder = folder_copy(sfe, tmp_path)
+    (folder / "experiment.xenium").write_text(json.dumps(specs))
+    with pytest.warns(UserWarning, match=r"the image spans x 0-118.5, y 0-118.5 um at 0.5 um/px"):
+        sdata = read_xenium(folder)
+    record = get_record(sdata)
+    assert record.pixel_size_um == 0.5
+    assert record.metadata.species == "Mus musculus"
+    assert "pixel_size_note" not in record.elements["cells"].provenance.parameters
+    np.testing.assert_allclose(
+        get_transformation(sdata["cells"], "global").to_affine_matrix(("x", "y"), ("x", "y")), np.diag([2.0, 2.0, 1.0])
+    )
+
+
+def test_bad_manifest(tmp_path: Path) -> None:
+    (tmp_path / "experiment.xenium").write_text('{"pixel_size": "0.2125"}')
+    with pytest.raises(
+        InputError, match=r"experiment.xenium: pixel_size must be a positive number of um, found '0.2125'"
+    ):
+        read_experiment(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- H&E alignment
+#: The synthetic alignment below: H&E pixels -> Xenium um, 0.45 um/px, rotated 8 degrees, offset to the crop.
+HE_PIXEL_SIZE_UM = 0.45
+_ANGLE = np.deg2rad(8.0)
+HE_TO_UM = np.array(
+    [
+        [HE_PIXEL_SIZE_UM * np.cos(_ANGLE), -HE_PIXEL_SIZE_UM * np.sin(_ANGLE), 1000.0],
+        [HE_PIXEL_SIZE_UM * np.sin(_ANGLE), HE_PIXEL_SIZE_UM * np.cos(_ANGLE), 950.0],
+        [0.0, 0.0, 1.0],
+    ]
+)
+
+
+def he_tile() -> Path:
+    return shared("tiatoolbox", "target_image.png")
+
+
+def write_matrix(path: Path, he_to_um: np.ndarray) -> Path:
+    """Xenium Explorer's convention: the matrix maps H&E pixels to Xenium pixels (um / 0.2125)."""
+    np.savetxt(path, np.diag([1 / 0.2125, 1 / 0.2125, 1.0]) @ he_to_um, delimiter=",")
+    return path
+
+
+def write_keypoints(path: Path, he_px: np.ndarray, fixed_um: np.ndarray) -> Path:
+    frame = pd.DataFrame(np.column_stack([fixed_um, he_px]), columns=["fixedX", "fixedY", "alignmentX", "alignmentY"])
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_he_alignment_matrix_places_molecules_on_the_he(sfe: Path, tmp_path: Path) -> None:
+    """Synthetic alignment: no Xenium H&E exists in the shared data, so a real H&E tile (tiatoolbox, 1000 px) is
+    placed on the real SFE crop by a known affine written as Xenium Explorer's matrix. Every molecule must land
+    where the inverse of that affine says, and the store must keep its frames consistent.
+    """
+    matrix = write_matrix(tmp_path / "he_alignment.csv", HE_TO_UM)
+    sdata = read_sfe(sfe, he_image=he_tile(), alignment=matrix)
+    record = get_record(sdata)
+    assert record.pixel_size_um == pytest.approx(HE_PIXEL_SIZE_UM, rel=1e-12)
+    assert (record.metadata.fullres_px_width, record.metadata.fullres_px_height) == (1000, 1000)
+    assert record.metadata.pixel_size_um_estimated == pytest.approx(HE_PIXEL_SIZE_UM)
+    assert record.elements["transcripts"].provenance.method == "xenium_explorer_matrix"
+
+    raw = pd.read_parquet(sfe / "transcripts.parquet")
+    expected = np.linalg.solve(HE_TO_UM, np.vstack([raw["x_location"], raw["y_location"], np.ones(len(raw))]))[:2].T
+    placed = transform(sdata["transcripts"], to_coordinate_system="global").compute()
+    placed = placed.set_index("transcript_id").loc[raw["transcript_id"]]
+    np.testing.assert_allclose(placed[["x", "y"]].to_numpy(), expected, atol=1e-6)
+
+    he_pixels = np.asarray(Image.open(he_tile()).convert("RGB"))
+    np.testing.assert_array_equal(np.moveaxis(sdata["he"].values, 0, -1), he_pixels)
+    assert isinstance(get_transformation(sdata["he"], "global"), Identity)
+    dapi_to_global = get_transformation(sdata["dapi"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    np.testing.assert_allclose(dapi_to_global, np.linalg.inv(HE_TO_UM) @ np.diag([0.2125, 0.2125, 1.0]), atol=1e-12)
+    url = hest_zarr.write(sdata, tmp_path / "aligned.zarr")
+    assert hest_zarr.validate(url) == []
+
+
+def test_he_as_an_array(sfe: Path, tmp_path: Path) -> None:
+    """The real H&E tile passed as a (3, y, x) array with the synthetic matrix (see above)."""
+    pixels = np.moveaxis(np.asarray(Image.open(he_tile()).convert("RGB")), -1, 0)
+    matrix = write_matrix(tmp_path / "he_alignment.csv", HE_TO_UM)
+    sdata = read_sfe(sfe, he_image=pixels, alignment=matrix)
+    np.testing.assert_array_equal(sdata["he"].values, pixels)
+    assert get_record(sdata).metadata.fullres_px_width == 1000
+    with pytest.raises(InputError, match=r"he_image array: expected \(3, y, x\) uint8 RGB, found \(1000, 1000, 3\)"):
+        read_xenium(sfe, he_image=np.moveaxis(pixels, 0, -1), alignment=matrix)
+
+
+def test_keypoints_fit_the_affine_by_least_squares(tmp_path: Path) -> None:
+    """Synthetic keypoints from the known affine; one fixed point moved by (2, -1) um to give a residual.
+
+    With the moved point the fit must satisfy the least-squares normal equations (residuals orthogonal to the
+    H&E coordinates and to the constant), and the recorded error must be the root-mean-square residual in um.
+    """
+    he_px = np.array([[0, 0], [900, 40], [120, 880], [950, 960], [500, 500]], dtype=float)
+    fixed_um = (HE_TO_UM[:2, :2] @ he_px.T).T + HE_TO_UM[:2, 2]
+    exact = read_alignment(write_keypoints(tmp_path / "exact.csv", he_px, fixed_um))
+    np.testing.assert_allclose(exact.he_to_um, HE_TO_UM, atol=1e-9)
+    assert exact.estimated_error_um == pytest.approx(0, abs=1e-6)  # CSV round-off only
+    assert exact.he_pixel_size_um == pytest.approx(HE_PIXEL_SIZE_UM)
+
+    fixed_um[3] += [2.0, -1.0]
+    noisy_path = write_keypoints(tmp_path / "noisy.csv", he_px, fixed_um)
+    noisy = read_alignment(noisy_path)
+    written = pd.read_csv(noisy_path)
+    design = np.column_stack([written[["alignmentX", "alignmentY"]], np.ones(len(written))])
+    residuals = written[["fixedX", "fixedY"]].to_numpy() - design @ noisy.he_to_um[:2].T
+    np.testing.assert_allclose(design.T @ residuals, 0, atol=1e-8)
+    assert np.abs(residuals).max() > 0.5
+    rms = float(np.sqrt(np.mean(np.sum(residuals**2, axis=1))))
+    assert noisy.estimated_error_um == pytest.approx(rms, rel=1e-9)
+    assert noisy.n_keypoints == 5
+
+
+def test_keypoints_error_is_recorded_in_the_sample(sfe: Path, tmp_path: Path) -> None:
+    """Synthetic keypoints (see above) placing the real tiatoolbox H&E tile on the real SFE crop."""
+    he_px = np.array([[0, 0], [900, 40], [120, 880], [950, 960]], dtype=float)
+    fixed_um = (HE_TO_UM[:2, :2] @ he_px.T).T + HE_TO_UM[:2, 2]
+    fixed_um[0] += [1.5, 0.0]
+    keypoints = write_keypoints(tmp_path / "keypoints.csv", he_px, fixed_um)
+    error = read_alignment(keypoints).estimated_error_um
+    assert error > 0.1
+    record = get_record(read_sfe(sfe, he_image=he_tile(), alignment=keypoints))
+    for name in ("transcripts", "cells", "nuclei", "dapi"):
+        provenance = record.elements[name].provenance
+        assert provenance.estimated_error_um == pytest.approx(error)
+        assert provenance.method == "keypoints_least_squares_affine"
+        assert provenance.parameters["n_keypoints"] == 4
+    assert record.elements["he"].provenance.estimated_error_um is None
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_missing_transcripts_file() -> None:
+    """The real SpatialExperimentIO Xenium_small export holds only cells.csv.gz and the matrix."""
+    folder = shared("SpatialExperimentIO", "Xenium_small")
+    with pytest.raises(
+        InputError,
+        match=r"Xenium_small: no transcripts found \(expected one of transcripts.parquet, transcripts.csv.gz\)",
+    ):
+        read_xenium(folder)
+
+
+def test_xenium_small_files() -> None:
+    """Its h5 was written by R with float shape and indices, which scanpy (the reference reader) cannot read."""
+    folder = shared("SpatialExperimentIO", "Xenium_small")
+    cells = read_cells(folder / "cells.csv.gz")
+    raw = pd.read_csv(folder / "cells.csv.gz")
+    assert cells.index.tolist() == raw["cell_id"].astype(str).tolist() == ["1", "2", "3", "4", "5", "6"]
+    assert cells["transcript_counts"].tolist() == raw["transcript_counts"].tolist()
+    assert not any(c.startswith("Unnamed") for c in cells.columns)
+    with pytest.raises(InputError, match=r"cell_feature_matrix.h5: not a readable 10x feature-barcode matrix"):
+        read_cell_feature_matrix(folder / "cell_feature_matrix.h5")
+
+
+def test_truncated_transcripts_parquet(sfe: Path, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path, skip=("transcripts.parquet",))
+    data = (sfe / "transcripts.parquet").read_bytes()
+    (folder / "transcripts.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"transcripts.parquet: not a readable parquet file"):
+        read_xenium(folder)
+
+
+def test_alignment_matrix_that_is_not_3x3(sfe: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad_alignment.csv"
+    np.savetxt(bad, np.eye(3)[:2], delimiter=",")
+    with pytest.raises(InputError, match=r"bad_alignment.csv: expected a 3x3 alignment matrix, found shape \(2, 3\)"):
+        read_xenium(sfe, he_image=he_tile(), alignment=bad)
+
+
+def test_keypoints_fewer_than_three(tmp_path: Path) -> None:
+    path = write_keypoints(tmp_path / "two.csv", np.array([[0.0, 0.0], [10.0, 5.0]]), np.array([[1.0, 2.0], [9, 4]]))
+    with pytest.raises(InputError, match=r"two.csv: found 2 keypoints, need at least 3"):
+        read_alignment(path)
+
+
+def test_collinear_keypoints(tmp_path: Path) -> None:
+    he_px = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    path = write_keypoints(tmp_path / "line.csv", he_px, he_px * 0.5)
+    with pytest.raises(InputError, match=r"line.csv: the 3 H&E keypoints lie on one line"):
+        read_alignment(path)
+
+
+def test_inverted_matrix_puts_no_cell_on_the_he(sfe: Path, tmp_path: Path) -> None:
+    """Synthetic: the known matrix written the wrong way round (Xenium pixels -> H&E pixels)."""
+    inverted = tmp_path / "inverted.csv"
+    np.savetxt(inverted, np.linalg.inv(np.diag([1 / 0.2125, 1 / 0.2125, 1.0]) @ HE_TO_UM), delimiter=",")
+    with pytest.raises(InputError, match=r"inverted.csv: the alignment places all 526 cells outside the H&E image"):
+        read_sfe(sfe, he_image=he_tile(), alignment=inverted)
+
+
+def test_he_needs_its_alignment(sfe: Path) -> None:
+    with pytest.raises(InputError, match=r"he_image given without alignment"):
+        read_xenium(sfe, he_image=he_tile())
+
+
+def test_frame_without_he_is_the_morphology_image() -> None:
+    frame = XeniumFrame.morphology(0.2125)
+    np.testing.assert_allclose(frame.to_global(np.array([[212.5, 425.0]])), [[1000.0, 2000.0]])
+    assert isinstance(frame.micrometre_transformations()["um"], Identity)

@@ -1,0 +1,748 @@
+"""Bare expression + coordinate tables (the formats of pre-Space Ranger papers and tool tutorials) into a sample.
+
+Expression: a CSV/TSV/TXT table (optionally gzipped; delimiter sniffed from the first line; genes x spots or
+spots x genes, decided by which axis carries the coordinate table's spot ids), a 10x MEX directory or h5 file
+(read by :func:`hest_zarr.converters.visium.read_counts`), or an AnnData ``.h5ad``/``.h5`` (raw counts in ``X`` or
+``layers['counts']``). Coordinates: a CSV/TSV/TXT table with spot ids and x/y, either image pixels
+(``pxl_col_in_fullres``, ``imagecol``, ``pixel_x``...) or array positions (``array_col``, ``col``...); columns
+named only ``x``/``y``/``sdimx``/``sdimy`` are array positions when they are small integers (<= 256) and pixels
+otherwise. Space Ranger's headerless ``tissue_positions_list.csv`` is recognised by its six columns. A table
+without ids (Giotto's ``*_locs.txt``) is matched to the spots by row order when its length equals the spot count.
+An AnnData may carry its own coordinates (``obs`` columns or ``obsm['spatial']``).
+
+Frames: with pixel coordinates, ``global`` is those pixels (the image's, when one is given) and the pixel size is
+measured on the spot lattice: by an affine fit of array -> pixel positions when the table also holds array
+positions, else from the median nearest-neighbour spacing (= ``inter_spot_dist_um``). With array coordinates only,
+spots are placed on the technology's lattice in micrometres and ``global`` is micrometres (pixel size 1.0).
+
+Why not an existing reader: scanpy and spatialdata-io read Space Ranger folders, not bare tables whose layout,
+orientation and coordinate kind must be detected, and they give no file-naming error on mismatched ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+from scipy.spatial import cKDTree
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel
+
+from hest_zarr._constants import Elements, Keys
+from hest_zarr.converters._common import (
+    build_sample,
+    circle_spots,
+    expression_table,
+    frame_transformations,
+    integer_counts,
+)
+from hest_zarr.converters.visium import (
+    POSITION_COLUMNS,
+    VISIUM_INTER_SPOT_DISTANCE_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    _check_image_covers_spots,
+    _read_image,
+    read_counts,
+)
+from hest_zarr.errors import InputError
+from hest_zarr.schemas import SampleMetadata
+
+CoordinateKind = Literal["auto", "pixel", "array"]
+
+#: Column names (lower case) of each coordinate, most specific first.
+PIXEL_X_COLUMNS = ("pxl_col_in_fullres", "imagecol", "x_pixel", "pixel_x", "pxl_x", "x_px")
+PIXEL_Y_COLUMNS = ("pxl_row_in_fullres", "imagerow", "y_pixel", "pixel_y", "pxl_y", "y_px")
+ARRAY_X_COLUMNS = ("array_col", "array_x", "col")
+ARRAY_Y_COLUMNS = ("array_row", "array_y", "row")
+#: Names that say nothing about the kind: decided from the values.
+PLAIN_X_COLUMNS = ("x", "sdimx", "x_coord", "coord_x", "spatial_x")
+PLAIN_Y_COLUMNS = ("y", "sdimy", "y_coord", "coord_y", "spatial_y")
+ID_COLUMNS = ("barcode", "barcodes", "spot_id", "spot", "cell_id", "id")
+#: Array coordinates are small integers; larger values are pixels.
+MAX_ARRAY_COORDINATE = 256
+#: Array position -> micrometres, in units of the inter-spot distance: (per array column, per array row).
+ARRAY_LATTICES: dict[str, tuple[float, float]] = {
+    "Visium": (0.5, math.sqrt(3) / 2),  # hexagonal: neighbours in a row are two columns apart
+    "Spatial Transcriptomics": (1.0, 1.0),  # square grid (ST 1k array)
+}
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+MIN_SPECIES_GENES = 20
+NEIGHBOUR_TOLERANCE = 0.15
+SPECIES_AGREEMENT = 0.9
+
+
+# --------------------------------------------------------------------------------------------- shared tools
+def read_delimited_table(
+    path: str | Path, *, index_col: int | None = 0, header: Literal["infer"] | None = "infer"
+) -> pd.DataFrame:
+    """Read a CSV/TSV/TXT table (optionally ``.gz``), sniffing the delimiter from its first line.
+
+    Tab, comma and semicolon are tried in that order, else runs of whitespace. A header one field shorter than the
+    rows (R's ``write.table``) makes the first column the index, as pandas does.
+
+    Parameters
+    ----------
+    path
+        The table.
+    index_col
+        Column to use as the index (``None``: a default range index).
+    header
+        ``None`` for a table without a header row.
+
+    Raises
+    ------
+    InputError
+        Missing, empty or unparseable file.
+
+    Examples
+    --------
+    >>> counts = read_delimited_table("MOB1.tsv")  # doctest: +SKIP
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as handle:
+            first_line = handle.readline()
+        separator = next((s for s in ("\t", ",", ";") if s in first_line), r"\s+")
+        return pd.read_csv(path, sep=separator, index_col=index_col, header=header)
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"{path}: not a readable delimited text table ({type(err).__name__}: {err})") from err
+
+
+@dataclass(frozen=True)
+class LatticeFit:
+    """Least-squares affine map from physical spot positions (um) to image pixels, and the pixel size it implies.
+
+    ``pixel_size_um`` is the geometric mean of the two axes' sizes (``sqrt`` of the area of one pixel);
+    ``pixel_size_um_xy`` are the sizes along the image's x and y, which differ when the image was resized
+    unevenly. Residuals are the distances between fitted and given pixel positions.
+    """
+
+    affine: np.ndarray  # (3, 2): [u, v, 1] @ affine = [x_px, y_px]
+    pixel_size_um: float
+    pixel_size_um_xy: tuple[float, float]
+    rms_px: float
+    max_px: float
+    n_points: int
+
+    def to_pixels(self, positions_um: np.ndarray) -> np.ndarray:
+        """Map physical positions (um, shape ``(n, 2)``) to pixels with the fitted affine."""
+        positions_um = np.asarray(positions_um, dtype=np.float64)
+        return np.c_[positions_um, np.ones(len(positions_um))] @ self.affine
+
+    def parameters(self) -> dict[str, Any]:
+        """Return the fit as provenance parameters (pixel sizes in um/px, residuals in px and um)."""
+        return {
+            "pixel_size_um_x": self.pixel_size_um_xy[0],
+            "pixel_size_um_y": self.pixel_size_um_xy[1],
+            "pixel_anisotropy": max(self.pixel_size_um_xy) / min(self.pixel_size_um_xy),
+            "fit_points": self.n_points,
+            "fit_rms_px": self.rms_px,
+            "fit_max_px": self.max_px,
+            "fit_rms_um": self.rms_px * self.pixel_size_um,
+            "affine_um_to_px": self.affine.tolist(),
+        }
+
+
+def fit_lattice(positions_um: np.ndarray, pixels: np.ndarray, source: str) -> LatticeFit:
+    """Fit the affine physical (um) -> pixel map of a spot lattice by least squares.
+
+    Parameters
+    ----------
+    positions_um
+        Spot positions on the array in micrometres, shape ``(n, 2)`` as ``(x, y)``.
+    pixels
+        The same spots' image pixels ``(x, y)``.
+    source
+        File named in error messages.
+
+    Raises
+    ------
+    InputError
+        Fewer than three spots, or spots on one line (the affine is undetermined).
+
+    Examples
+    --------
+    >>> grid = np.array([[0, 0], [200, 0], [0, 200], [200, 200]], dtype=float)
+    >>> round(fit_lattice(grid, grid / 2 + 10, "demo").pixel_size_um, 6)
+    2.0
+
+    """
+    positions_um = np.asarray(positions_um, dtype=np.float64)
+    pixels = np.asarray(pixels, dtype=np.float64)
+    design = np.c_[positions_um, np.ones(len(positions_um))]
+    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
+        raise InputError(f"{source}: {len(design)} spot(s) not spanning a plane; cannot fit the array -> pixel map")
+    affine, *_ = np.linalg.lstsq(design, pixels, rcond=None)
+    linear = affine[:2]  # rows: pixels per um along physical x and y
+    residuals = np.hypot(*(design @ affine - pixels).T)
+    return LatticeFit(
+        affine=affine,
+        pixel_size_um=float(1 / math.sqrt(abs(np.linalg.det(linear)))),
+        pixel_size_um_xy=(float(1 / np.linalg.norm(linear[0])), float(1 / np.linalg.norm(linear[1]))),
+        rms_px=float(np.sqrt(np.mean(residuals**2))),
+        max_px=float(residuals.max()),
+        n_points=len(design),
+    )
+
+
+def nearest_neighbour_pixel_size(pixels: np.ndarray, spacing_um: float, source: str) -> tuple[float, dict[str, Any]]:
+    """Estimate the pixel size from the nearest-neighbour spacing of spots on a regular lattice.
+
+    The spacing is the median of every distance between neighbours (up to 6 per spot) lying within 15 % of the
+    median nearest-neighbour distance: each spot's closest neighbour alone would bias it low, being the minimum of
+    several jittered distances. Returns the pixel size (um/px) and provenance parameters. Refuses (``InputError``
+    naming ``source``) when fewer than half of the spots have a neighbour at that spacing: the spots are then too
+    sparse for their spacing to be the lattice's.
+
+    Examples
+    --------
+    >>> grid = np.array([[x, y] for x in range(5) for y in range(5)], dtype=float) * 50
+    >>> nearest_neighbour_pixel_size(grid, 100.0, "demo")[0]
+    2.0
+
+    """
+    pixels = np.asarray(pixels, dtype=np.float64)
+    if len(pixels) < 2:
+        raise InputError(f"{source}: a single spot gives no spacing to measure the pixel size on; pass pixel_size_um")
+    distances, _ = cKDTree(pixels).query(pixels, k=min(len(pixels), 7))
+    neighbours = distances[:, 1:]
+    nearest = float(np.median(neighbours[:, 0]))
+    at_spacing = np.abs(neighbours - nearest) <= NEIGHBOUR_TOLERANCE * nearest
+    on_lattice = float(np.mean(at_spacing.any(axis=1)))
+    if nearest <= 0 or on_lattice < 0.5:
+        raise InputError(
+            f"{source}: spots too sparse or irregular to measure the pixel size (only {on_lattice:.0%} have a "
+            f"neighbour at the median nearest-neighbour distance {nearest:.1f} px); pass pixel_size_um"
+        )
+    spacing_px = float(np.median(neighbours[at_spacing]))
+    return spacing_um / spacing_px, {
+        "neighbour_spacing_px": spacing_px,
+        "neighbour_distances_used": int(at_spacing.sum()),
+        "spots_at_spacing_fraction": on_lattice,
+    }
+
+
+def infer_species(gene_names: Iterable[Any]) -> tuple[str, str] | None:
+    """Infer the species from gene identifiers, only where it is unambiguous; return it with the reason.
+
+    Mouse: >= 90 % mouse Ensembl ids (``ENSMUSG``) or capitalised symbols (``Gapdh``). Human: >= 90 % human Ensembl
+    ids (``ENSG``) or upper-case symbols (``GAPDH``). At least 20 genes are needed; otherwise ``None``.
+
+    Examples
+    --------
+    >>> infer_species(["Gapdh", "Actb", "Mbp"] * 10)[0]
+    'Mus musculus'
+
+    """
+    names = [str(name) for name in gene_names]
+    if len(names) < MIN_SPECIES_GENES:
+        return None
+    votes = {
+        ("Mus musculus", "mouse Ensembl ids (ENSMUSG)"): sum(n.startswith("ENSMUSG") for n in names),
+        ("Homo sapiens", "human Ensembl ids (ENSG)"): sum(n.startswith("ENSG") for n in names),
+    }
+    symbols = [n for n in names if n[:1].isalpha() and sum(c.isalpha() for c in n) >= 2]
+    if len(symbols) >= MIN_SPECIES_GENES:
+        votes[("Mus musculus", "capitalised symbols as in mouse (e.g. Gapdh)")] = sum(
+            n[0].isupper() and n[1:] == n[1:].lower() and any(c.islower() for c in n) for n in symbols
+        )
+        votes[("Homo sapiens", "upper-case symbols as in human (e.g. GAPDH)")] = sum(n == n.upper() for n in symbols)
+    for (species, kind), count in votes.items():
+        total = len(symbols) if "symbols" in kind else len(names)
+        if count >= SPECIES_AGREEMENT * total:
+            return species, f"inferred from gene names: {count} of {total} are {kind}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- expression
+def _is_integer_matrix(matrix: Any) -> bool:
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    return bool(values.size == 0 or (np.array_equal(values, np.round(values)) and values.min() >= 0))
+
+
+def _anndata_counts(adata: AnnData, path: Path) -> AnnData:
+    """Keep the raw counts of an AnnData: ``X`` if integer, else ``layers['counts']``."""
+    if _is_integer_matrix(adata.X):
+        return adata
+    if "counts" in adata.layers and _is_integer_matrix(adata.layers["counts"]):
+        return AnnData(X=adata.layers["counts"], obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
+    layers = "a layers['counts'] that is not integer either" if "counts" in adata.layers else "no layers['counts']"
+    raise InputError(f"{path}: no raw integer counts (X holds normalised or negative values; {layers})")
+
+
+def _read_anndata(path: Path) -> AnnData:
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as err:  # h5py and anndata raise many types on foreign or damaged files
+        raise InputError(f"{path}: not a readable AnnData file ({type(err).__name__}: {err})") from err
+    adata.obs_names = adata.obs_names.astype(str)
+    return _anndata_counts(adata, path)
+
+
+def _h5_layout(path: Path) -> Literal["10x", "anndata"]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            keys = set(handle.keys())
+            if {"X", "obs", "var"} <= keys:
+                return "anndata"
+            if "matrix" in keys or any(
+                "barcodes" in handle[key] for key in keys if isinstance(handle[key], h5py.Group)
+            ):
+                return "10x"
+    except OSError as err:
+        raise InputError(f"{path}: not a readable HDF5 file ({err})") from err
+    raise InputError(f"{path}: unknown HDF5 layout (expected a 10x matrix or an AnnData); found groups {sorted(keys)}")
+
+
+def _read_uncompressed_mex(path: Path) -> AnnData:
+    """Read a Space Ranger 2+ MEX directory whose files are not gzipped (scanpy 1.11 reads those only gzipped)."""
+    from scipy.io import mmread
+
+    try:
+        matrix = sparse.csr_matrix(mmread(path / "matrix.mtx").T)
+        features = pd.read_csv(path / "features.tsv", sep="\t", header=None)
+        barcodes = pd.read_csv(path / "barcodes.tsv", sep="\t", header=None)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: not a readable MEX directory ({type(err).__name__}: {err})") from err
+    if matrix.shape != (len(barcodes), len(features)):
+        raise InputError(
+            f"{path}: matrix.mtx is {matrix.shape[1]} x {matrix.shape[0]} but there are {len(features)} features "
+            f"and {len(barcodes)} barcodes"
+        )
+    var = pd.DataFrame({"gene_ids": features[0].astype(str).to_numpy()}, index=features[1].astype(str).to_numpy())
+    if features.shape[1] > 2:
+        var["feature_types"] = features[2].to_numpy()
+    adata = AnnData(X=integer_counts(matrix, str(path)), obs=pd.DataFrame(index=barcodes[0].astype(str)), var=var)
+    adata.var_names_make_unique()
+    return adata
+
+
+def _read_expression(path: Path) -> AnnData | pd.DataFrame:
+    """Return an AnnData (spots x genes) or, for a text table, the table in its file orientation."""
+    if path.is_dir():
+        plain = (path / "matrix.mtx").is_file() and (path / "features.tsv").is_file()
+        return _read_uncompressed_mex(path) if plain else read_counts(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected the expression matrix)")
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".h5ad"]:
+        return _read_anndata(path)
+    if suffixes[-1:] == [".h5"]:
+        return read_counts(path) if _h5_layout(path) == "10x" else _read_anndata(path)
+    if any(s in TEXT_SUFFIXES for s in suffixes[-2:]):
+        table = read_delimited_table(path)
+        non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+        if table.empty or non_numeric:
+            raise InputError(
+                f"{path}: unrecognised expression table (expected a numeric genes x spots or spots x genes matrix "
+                f"with names in the first row and column); found {table.shape[0]} rows x {table.shape[1]} columns"
+                + (f", text in column {non_numeric[0]!r}" if non_numeric else "")
+            )
+        table.index = table.index.astype(str)
+        table.columns = table.columns.astype(str)
+        return table
+    raise InputError(
+        f"{path}: unknown expression format (expected .csv/.tsv/.txt[.gz], a MEX directory, a 10x .h5 or an .h5ad)"
+    )
+
+
+# --------------------------------------------------------------------------------------------- coordinates
+@dataclass
+class _Coordinates:
+    """Spot coordinates as read: ids (``None`` when the table has none), positions and their kind."""
+
+    ids: pd.Index | None
+    xy: np.ndarray
+    kind: Literal["pixel", "array"]
+    columns: tuple[str, str]
+    array_xy: np.ndarray | None = None  # array (col, row) when the table also holds them
+    obs: dict[str, np.ndarray] = field(default_factory=dict)
+    flipped_y: bool = False
+
+
+def _find(columns: dict[str, str], candidates: tuple[str, ...]) -> str | None:
+    return next((columns[name] for name in candidates if name in columns), None)
+
+
+def _looks_like_array(values: np.ndarray) -> bool:
+    finite = values[np.isfinite(values)]
+    return bool(
+        finite.size and np.array_equal(finite, np.round(finite)) and np.abs(finite).max() <= MAX_ARRAY_COORDINATE
+    )
+
+
+def _headerless(table: pd.DataFrame) -> bool:
+    names = [str(c) for c in table.columns]
+    return sum(name.replace(".", "", 1).lstrip("-").isdigit() for name in names) >= len(names) - 1
+
+
+def _read_coordinate_frame(path: Path) -> pd.DataFrame:
+    """Read a coordinate table; a headerless one gets Space Ranger's names when it has their six columns."""
+    table = read_delimited_table(path, index_col=None)
+    if not _headerless(table):
+        return table
+    table = read_delimited_table(path, index_col=None, header=None)
+    if table.shape[1] == len(POSITION_COLUMNS) and not pd.api.types.is_numeric_dtype(table[0]):
+        table.columns = POSITION_COLUMNS
+    return table
+
+
+def _coordinates_from_frame(
+    frame: pd.DataFrame, source: str, kind: CoordinateKind, flip_y: bool | None
+) -> _Coordinates:
+    columns = {str(c).lower(): c for c in frame.columns}
+    id_column = _find(columns, ID_COLUMNS)
+    if id_column is None:
+        text_columns = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+        id_column = text_columns[0] if text_columns else None
+    if id_column is not None:
+        ids = pd.Index(frame[id_column].astype(str))
+    elif not isinstance(frame.index, pd.RangeIndex):
+        ids = pd.Index(frame.index.astype(str))
+    else:
+        ids = None
+
+    pixel = (_find(columns, PIXEL_X_COLUMNS), _find(columns, PIXEL_Y_COLUMNS))
+    array = (_find(columns, ARRAY_X_COLUMNS), _find(columns, ARRAY_Y_COLUMNS))
+    plain = (_find(columns, PLAIN_X_COLUMNS), _find(columns, PLAIN_Y_COLUMNS))
+    numeric = [c for c in frame.columns if c != id_column and pd.api.types.is_numeric_dtype(frame[c])]
+    if None in plain and None in pixel and None in array and len(numeric) == 2:
+        plain = (numeric[0], numeric[1])  # two unnamed numeric columns: x then y
+    has = {name: None not in pair for name, pair in (("pixel", pixel), ("array", array), ("plain", plain))}
+    if kind == "auto":
+        if has["pixel"]:
+            kind = "pixel"
+        elif has["array"]:
+            kind = "array"
+        elif has["plain"]:
+            kind = "array" if _looks_like_array(frame[list(plain)].to_numpy(dtype=np.float64)) else "pixel"
+        else:
+            raise InputError(
+                f"{source}: unrecognised coordinate table (expected x/y columns such as pxl_col_in_fullres/"
+                f"pxl_row_in_fullres, imagecol/imagerow, array_col/array_row or x/y); found {list(frame.columns)}"
+            )
+    chosen = pixel if kind == "pixel" else array
+    if None in chosen:
+        chosen = plain
+    if None in chosen:
+        raise InputError(f"{source}: no {kind} coordinate columns found in {list(frame.columns)}")
+    try:
+        xy = frame[list(chosen)].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{source}: coordinate columns {list(chosen)} are not numeric ({err})") from err
+    if not np.isfinite(xy).all():
+        raise InputError(f"{source}: missing or non-finite values in coordinate columns {list(chosen)}")
+    flipped = False
+    if kind == "pixel":
+        flipped = bool((xy[:, 1] <= 0).all() and (xy[:, 1] < 0).any()) if flip_y is None else flip_y
+        if flipped:
+            xy = xy * np.array([1.0, -1.0])
+    obs: dict[str, np.ndarray] = {}
+    for key, column in (
+        (Keys.IN_TISSUE, _find(columns, ("in_tissue", "selected"))),
+        (Keys.ARRAY_COL, array[0]),
+        (Keys.ARRAY_ROW, array[1]),
+    ):
+        if column is not None:
+            obs[key] = frame[column].to_numpy()
+    array_xy = frame[list(array)].to_numpy(dtype=np.float64) if has["array"] else None
+    if kind == "array" and array_xy is None:
+        array_xy = xy
+    return _Coordinates(
+        ids=ids,
+        xy=xy,
+        kind=kind,
+        columns=(str(chosen[0]), str(chosen[1])),
+        array_xy=array_xy,
+        obs=obs,
+        flipped_y=flipped,
+    )
+
+
+def _coordinates_from_anndata(adata: AnnData, source: str, kind: CoordinateKind, flip_y: bool | None) -> _Coordinates:
+    frame = adata.obs.copy()
+    if "spatial" in adata.obsm and not any(c.lower() in PIXEL_X_COLUMNS for c in map(str, frame.columns)):
+        spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        frame["pixel_x"], frame["pixel_y"] = spatial[:, 0], spatial[:, 1]
+    frame.insert(0, "spot_id", adata.obs_names.astype(str))
+    return _coordinates_from_frame(frame, source, kind, flip_y)
+
+
+def _orient(table: pd.DataFrame, coordinates: _Coordinates, expression: Path, source: str) -> tuple[AnnData, str]:
+    """Turn a text table into spots x genes, the spot axis being the one that carries the coordinate ids."""
+    if coordinates.ids is not None:
+        in_rows, in_columns = (
+            int(table.index.isin(coordinates.ids).sum()),
+            int(table.columns.isin(coordinates.ids).sum()),
+        )
+        if in_rows == in_columns == 0:
+            raise InputError(
+                f"{source}: none of its spot ids (e.g. {coordinates.ids[0]!r}) names a row or a column of "
+                f"{expression.name} (rows e.g. {table.index[0]!r}, columns e.g. {table.columns[0]!r})"
+            )
+        spots_are_rows = in_rows >= in_columns
+    else:
+        count = len(coordinates.xy)
+        spots_are_rows = table.shape[0] == count
+        if spots_are_rows == (table.shape[1] == count):
+            raise InputError(
+                f"{source}: has no spot ids and its {count} rows match {'both' if spots_are_rows else 'neither'} the "
+                f"{table.shape[0]} rows and the {table.shape[1]} columns of {expression.name}; cannot tell the spots"
+            )
+    spots_x_genes = table if spots_are_rows else table.T
+    adata = AnnData(X=sparse.csr_matrix(spots_x_genes.to_numpy()), obs=pd.DataFrame(index=spots_x_genes.index))
+    adata.var_names = spots_x_genes.columns
+    return adata, "spots x genes" if spots_are_rows else "genes x spots"
+
+
+def _match(spot_ids: pd.Index, coordinates: _Coordinates, expression: Path, source: str) -> np.ndarray:
+    """Row of the coordinate table of every spot (by id, or by order for a table without ids)."""
+    if coordinates.ids is None:
+        if len(coordinates.xy) != len(spot_ids):
+            raise InputError(
+                f"{source}: has no spot ids and {len(coordinates.xy)} rows, but {expression.name} has "
+                f"{len(spot_ids)} spots; cannot match them by order"
+            )
+        return np.arange(len(spot_ids))
+    if coordinates.ids.has_duplicates:
+        raise InputError(f"{source}: spot id {coordinates.ids[coordinates.ids.duplicated()][0]!r} appears twice")
+    rows = coordinates.ids.get_indexer(spot_ids)
+    missing = spot_ids[rows < 0]
+    if len(missing):
+        raise InputError(
+            f"{source}: {len(missing)} of the {len(spot_ids)} spots of {expression.name} have no coordinates "
+            f"(e.g. {missing[0]!r}); coordinates and expression come from different samples?"
+        )
+    return rows
+
+
+def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um: float, source: str) -> np.ndarray:
+    """Place array positions ``(column, row)`` on the technology's lattice, in micrometres.
+
+    Raises
+    ------
+    InputError
+        When the technology has no known lattice (see ``ARRAY_LATTICES``).
+
+    Examples
+    --------
+    >>> array_positions_um(np.array([[2.0, 1.0]]), "Visium", 100.0, "demo").round(2).tolist()
+    [[100.0, 86.6]]
+
+    """
+    if technology not in ARRAY_LATTICES:
+        raise InputError(
+            f"{source}: array coordinates of {technology!r} cannot be placed (lattices known for "
+            f"{', '.join(ARRAY_LATTICES)}); give pixel coordinates"
+        )
+    return np.asarray(array_xy, dtype=np.float64) * np.asarray(ARRAY_LATTICES[technology]) * inter_spot_dist_um
+
+
+def set_estimated_error(sdata: SpatialData, element: str, error_um: float) -> None:
+    """Record the estimated positional error (um) of an element in the sample's record."""
+    from hest_zarr.store import get_record, set_record
+
+    record = get_record(sdata)
+    record.elements[element].provenance.estimated_error_um = error_um
+    set_record(sdata, record)
+
+
+def compact_integers(values: np.ndarray) -> np.ndarray:
+    """Return integer-valued numbers as int32 (array positions, flags); anything else unchanged.
+
+    Examples
+    --------
+    >>> compact_integers(np.array([1.0, 2.0])).dtype.name, compact_integers(np.array([1.5])).dtype.name
+    ('int32', 'float64')
+
+    """
+    values = np.asarray(values)
+    if pd.api.types.is_numeric_dtype(values) and np.array_equal(values, np.round(values)):
+        return values.astype(np.int32)
+    return values
+
+
+def read_legacy(
+    expression: str | Path,
+    coordinates: str | Path | None = None,
+    *,
+    image: str | Path | None = None,
+    coordinate_kind: CoordinateKind = "auto",
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    inter_spot_dist_um: float = VISIUM_INTER_SPOT_DISTANCE_UM,
+    technology: str = "Visium",
+    pixel_size_um: float | None = None,
+    flip_y: bool | None = None,
+    spots: Collection[str] | None = None,
+    sample_id: str | None = None,
+    metadata: SampleMetadata | None = None,
+) -> SpatialData:
+    """Read a bare expression table and a coordinate table (and optionally an H&E) into a sample.
+
+    Parameters
+    ----------
+    expression
+        CSV/TSV/TXT[.gz] table (genes x spots or spots x genes), 10x MEX directory or h5, or AnnData h5ad/h5.
+    coordinates
+        Coordinate table (CSV/TSV/TXT). May be omitted for an AnnData holding its own coordinates.
+    image
+        Full-resolution H&E whose pixels the coordinates refer to (needs pixel coordinates).
+    coordinate_kind
+        ``"pixel"``, ``"array"`` or ``"auto"`` (from the column names, else from the values).
+    spot_diameter_um, inter_spot_dist_um, technology
+        The spot geometry (defaults: Visium, 55 um spots 100 um apart) and the HEST ``st_technology``.
+    pixel_size_um
+        Micrometres per pixel of the coordinates, when known; otherwise measured on the spot lattice.
+    flip_y
+        Negate y (Giotto stores ``-row``). ``None``: negate when every y is <= 0.
+    spots
+        Keep only these spot ids (e.g. one sample of a multi-sample table).
+    sample_id
+        Sample id (default: the expression file's name without suffixes).
+    metadata
+        Known metadata; its values win over the measured ones.
+
+    Returns
+    -------
+    The sample: ``spots`` (circles), ``spot_expression`` (raw counts) and ``he`` when an image is given.
+
+    Raises
+    ------
+    InputError
+        Missing or unrecognisable files, ids that do not match, non-integer counts, an image smaller than the
+        spot coordinates, array coordinates with an image.
+
+    Examples
+    --------
+    >>> sdata = read_legacy("visium_DG_expr.txt.gz", "visium_DG_locs.txt", sample_id="DG")  # doctest: +SKIP
+    >>> hest_zarr.write(sdata, "DG.zarr")  # doctest: +SKIP
+
+    """
+    expression_path = Path(expression)
+    loaded = _read_expression(expression_path)
+    if coordinates is not None:
+        coordinates_path = Path(coordinates)
+        coords = _coordinates_from_frame(
+            _read_coordinate_frame(coordinates_path), str(coordinates_path), coordinate_kind, flip_y
+        )
+        coordinate_inputs = [str(coordinates_path)]
+    elif isinstance(loaded, AnnData):
+        coordinates_path = expression_path
+        coords = _coordinates_from_anndata(loaded, str(expression_path), coordinate_kind, flip_y)
+        coordinate_inputs = []
+    else:
+        raise InputError(f"{expression_path}: a text table holds no coordinates; pass a coordinate table")
+    source = str(coordinates_path)
+    orientation = "spots x genes"
+    adata = loaded
+    if isinstance(loaded, pd.DataFrame):
+        adata, orientation = _orient(loaded, coords, expression_path, source)
+    rows = _match(adata.obs_names, coords, expression_path, source)
+    if spots is not None:
+        wanted = pd.Index([str(s) for s in spots])
+        absent = wanted.difference(adata.obs_names)
+        if len(absent):
+            raise InputError(f"{expression_path}: {len(absent)} requested spot(s) absent (e.g. {absent[0]!r})")
+        keep = adata.obs_names.get_indexer(wanted)
+        adata, rows = adata[keep], rows[keep]
+    spot_ids = adata.obs_names.astype(str)
+
+    spot_parameters: dict[str, Any] = {
+        "coordinate_kind": coords.kind,
+        "coordinate_columns": list(coords.columns),
+        "matched_by": "spot id" if coords.ids is not None else "row order (the coordinate table has no ids)",
+        "expression_orientation": orientation,
+        "y_negated": coords.flipped_y,
+        "spot_diameter_um": spot_diameter_um,
+        "inter_spot_dist_um": inter_spot_dist_um,
+    }
+    error_um: float | None = None
+    if coords.kind == "array":
+        if image is not None:
+            raise InputError(
+                f"{source}: holds array coordinates, which cannot be placed on {Path(image).name}; "
+                "give a table with pixel coordinates"
+            )
+        centres = array_positions_um(coords.xy[rows], technology, inter_spot_dist_um, source)
+        pixel_size, method = 1.0, f"array positions on the {technology} lattice; no image: global = micrometres"
+        spot_parameters["global_units"] = "um"
+    else:
+        centres = coords.xy[rows]
+        if pixel_size_um is not None:
+            pixel_size, method = float(pixel_size_um), "pixel coordinates; pixel size given by the caller"
+        elif coords.array_xy is not None and technology in ARRAY_LATTICES:
+            fit = fit_lattice(
+                array_positions_um(coords.array_xy, technology, inter_spot_dist_um, source), coords.xy, source
+            )
+            pixel_size, method = fit.pixel_size_um, "pixel coordinates; pixel size from the affine fit array -> pixel"
+            spot_parameters.update(fit.parameters())
+            error_um = fit.rms_px * fit.pixel_size_um
+        else:
+            pixel_size, details = nearest_neighbour_pixel_size(centres, inter_spot_dist_um, source)
+            method = "pixel coordinates; pixel size from the median nearest-neighbour spacing"
+            spot_parameters.update(details)
+        spot_parameters["global_units"] = "image pixels" if image is not None else "pixels of the coordinate table"
+
+    obs_columns = {key: compact_integers(values[rows]) for key, values in coords.obs.items()}
+    spot_shapes = circle_spots(centres, spot_diameter_um / 2 / pixel_size, spot_ids, pixel_size)
+    table = expression_table(adata.X, spot_ids, adata.var, obs_columns=obs_columns, source=str(expression_path))
+    spot_inputs = [str(expression_path), *coordinate_inputs]
+    inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}
+    measured: dict[str, Any] = {}
+    images: dict[str, Any] = {}
+    if image is not None:
+        image_path = Path(image)
+        if not image_path.is_file():
+            raise InputError(f"{image_path}: no such image file")
+        pixels = _read_image(image_path)
+        _check_image_covers_spots(image_path, pixels.shape[1:], centres)
+        images[Elements.HE] = Image2DModel.parse(
+            pixels, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=frame_transformations(pixel_size)
+        )
+        inputs[Elements.HE] = [str(image_path)]
+        measured.update(fullres_px_height=pixels.shape[1], fullres_px_width=pixels.shape[2])
+
+    table_parameters: dict[str, Any] = {"expression_orientation": orientation}
+    species = infer_species(adata.var_names)
+    if species is not None:
+        table_parameters["species_inference"] = species[1]
+    measured.update(
+        id=sample_id or expression_path.name.split(".")[0],
+        st_technology=technology,
+        species=species[0] if species else None,
+        spot_diameter=spot_diameter_um,
+        inter_spot_dist=inter_spot_dist_um,
+        spots_under_tissue=int(obs_columns[Keys.IN_TISSUE].sum()) if Keys.IN_TISSUE in obs_columns else None,
+        nb_genes=int(adata.n_vars),
+        pixel_size_um_estimated=pixel_size if coords.kind == "pixel" else None,
+    )
+    sdata = build_sample(
+        converter="legacy",
+        metadata=measured,
+        pixel_size_um=pixel_size,
+        inputs=inputs,
+        known_metadata=metadata,
+        images=images,
+        shapes={Elements.SPOTS: spot_shapes},
+        tables={Elements.SPOT_EXPRESSION: table},
+        parameters={Elements.SPOTS: spot_parameters, Elements.SPOT_EXPRESSION: table_parameters},
+        methods={Elements.SPOTS: method},
+    )
+    if error_um is not None:
+        set_estimated_error(sdata, Elements.SPOTS, error_um)
+    return sdata

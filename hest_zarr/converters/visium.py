@@ -1,14 +1,21 @@
-"""Visium (Space Ranger ``outs/``) into a sample store.
+"""Visium (Space Ranger ``outs/``, any version, CytAssist included) into a sample store.
 
-Counts are read with scanpy's 10x readers (h5 or MEX), positions with pandas (old headerless
-``tissue_positions_list.csv``, new ``tissue_positions.csv`` with header, or ``tissue_positions.parquet``).
+Counts: a 10x h5 or MEX directory (read with scanpy's 10x readers; MEX files may be gzipped or not), or an AnnData
+``.h5ad`` whose raw counts are in ``layers['counts']``, ``X`` or ``raw.X``. Positions: the old headerless
+``tissue_positions_list.csv``, the new ``tissue_positions.csv`` with header or ``tissue_positions.parquet`` (read with
+pandas); without any of them, a Loupe manual-alignment JSON (``oligo`` entries with ``row``, ``col``, ``imageX``,
+``imageY``, ``dia`` and ``tissue``). Loupe names no barcodes, so its spots are matched to the barcodes by array
+position: from Space Ranger's barcode coordinate list (``barcodes/visium-vN_coordinates.txt`` of its install) or from
+``array_row``/``array_col`` columns of an AnnData's ``obs``.
+
 Why not ``spatialdata_io.visium``: it names coordinate systems after the dataset, keeps images at their
-downscaled resolution in separate systems, and gives no hook to fail with a clear message on mismatched
-barcodes or truncated files; the store layout needs ``global`` = full-resolution pixels and ``um``.
+downscaled resolution in separate systems, reads neither h5ad counts nor Loupe alignments, and gives no hook to fail
+with a clear message on mismatched barcodes or truncated files; the store layout needs ``global`` =
+full-resolution pixels and ``um``.
 
-Spots are circles centred on Space Ranger's ``pxl_col_in_fullres, pxl_row_in_fullres`` with radius
-``spot_diameter_fullres / 2``; the pixel size is 55 um over that diameter (the spot diameter of Visium v1/v2
-slides, which Space Ranger measures on the fiducial frame).
+Spots are circles centred on Space Ranger's ``pxl_col_in_fullres, pxl_row_in_fullres`` (Loupe's ``imageX,
+imageY``) with the radius of the 55 um capture spot; the pixel size is 65 um over ``spot_diameter_fullres``
+(Loupe's ``dia``): Space Ranger defines that diameter on a theoretical 65 um spot, measured on the fiducial frame.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, Scale
 from spatialdata_io._constants._constants import VisiumKeys
+from xarray import DataArray
 
 from hest_zarr._constants import Elements, Keys
 from hest_zarr.converters._common import (
@@ -37,11 +46,16 @@ from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` (and Loupe's ``dia``) span a *theoretical 65 um spot*, not the
+#: 55 um capture spot (10x Space Ranger docs); the lattice agrees: 100 um neighbour spacing measures
+#: 65.0 um over that diameter on the scanpy sample and 64.8 um on SFE's.
+SPOT_DIAMETER_FULLRES_UM = 65.0
 VISIUM_INTER_SPOT_DISTANCE_UM = 100.0
 COUNTS_CANDIDATES = (
     VisiumKeys.FILTERED_COUNTS_FILE.value,
     "filtered_feature_bc_matrix",
     VisiumKeys.RAW_COUNTS_FILE.value,
+    "raw_feature_bc_matrix",
 )
 POSITIONS_CANDIDATES = (
     f"spatial/{VisiumKeys.SPOTS_FILE_2.value}",
@@ -49,24 +63,35 @@ POSITIONS_CANDIDATES = (
     "spatial/tissue_positions.parquet",
 )
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+SPOT_OBS_COLUMNS = (Keys.ARRAY_ROW, Keys.ARRAY_COL, Keys.IN_TISSUE)
 SCALEFACTORS_FILE = f"spatial/{VisiumKeys.SCALEFACTORS_FILE.value}"
+#: AnnData matrices that may hold raw counts, in the order they are tried.
+ANNDATA_COUNT_MATRICES = ("layers['counts']", "X", "raw.X")
 _GENOME_SPECIES = {"GRCh38": "Homo sapiens", "hg19": "Homo sapiens", "mm10": "Mus musculus", "GRCm39": "Mus musculus"}
 
 
-def _first_existing(root: Path, candidates: tuple[str, ...], what: str) -> Path:
-    for name in candidates:
-        if (root / name).exists():
-            return root / name
-    raise InputError(f"{root}: no {what} found (expected one of {', '.join(candidates)})")
-
-
+# --------------------------------------------------------------------------------------------- counts
 def read_counts(path: Path) -> AnnData:
-    """Read a 10x feature-barcode matrix (h5 file or MEX directory) as integer counts.
+    """Read a counts file as integer counts: a 10x h5, a 10x MEX directory or an AnnData ``.h5ad``.
 
-    ``var_names`` are gene symbols made unique; Ensembl ids stay in ``var['gene_ids']``.
+    ``var_names`` are gene symbols made unique; Ensembl ids stay in ``var['gene_ids']``. An AnnData's raw counts
+    are found by :func:`read_anndata_counts`.
+
+    Examples
+    --------
+    >>> read_counts(Path("outs/filtered_feature_bc_matrix.h5")).X.dtype  # doctest: +SKIP
+    dtype('int32')
+
     """
     import scanpy as sc
 
+    if path.suffix.lower() == ".h5ad":
+        return read_anndata_counts(path)
+    if path.is_dir() and (path / "matrix.mtx").is_file() and (path / "features.tsv").is_file():
+        # scanpy 1.11 reads a v3 MEX only when gzipped; the legacy converter reads the plain files
+        from hest_zarr.converters.legacy import _read_uncompressed_mex
+
+        return _read_uncompressed_mex(path)
     try:
         if path.is_dir():
             adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=True, gex_only=False)
@@ -81,8 +106,93 @@ def read_counts(path: Path) -> AnnData:
     return adata
 
 
+def _first_non_count(matrix: Any) -> float | None:
+    """Return a value that is not a raw count (negative or fractional), or ``None`` when all are counts."""
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix).ravel()
+    bad = (values < 0) | (values != np.round(values))
+    return float(values[np.argmax(bad)]) if bad.any() else None
+
+
+def read_anndata_counts(path: Path) -> AnnData:
+    """Read the raw integer counts of an AnnData file, refusing normalised data.
+
+    The first of ``layers['counts']``, ``X`` and ``raw.X`` that holds only non-negative integers is kept (with
+    ``raw.var`` as genes for ``raw.X``); ``obs`` is kept whole, so ``array_row``/``array_col`` columns can place
+    spots of a Loupe alignment.
+
+    Raises
+    ------
+    InputError
+        The file is not an AnnData, or none of the three matrices holds raw counts (log-normalised data).
+
+    Examples
+    --------
+    >>> read_anndata_counts(Path("processed.h5ad")).X.dtype  # doctest: +SKIP
+    dtype('int32')
+
+    """
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as err:  # h5py and anndata raise many types on foreign or damaged files
+        raise InputError(f"{path}: not a readable AnnData file ({type(err).__name__}: {err})") from err
+    matrices = {
+        "layers['counts']": (adata.layers.get("counts"), adata.var),
+        "X": (adata.X, adata.var),
+        "raw.X": (adata.raw.X, adata.raw.var) if adata.raw is not None else (None, None),
+    }
+    found = []
+    for name in ANNDATA_COUNT_MATRICES:
+        matrix, var = matrices[name]
+        if matrix is None:
+            found.append(f"no {name}")
+            continue
+        offending = _first_non_count(matrix)
+        if offending is None:
+            counts = AnnData(X=integer_counts(matrix, f"{path} {name}"), obs=adata.obs, var=var.copy())
+            counts.obs_names = counts.obs_names.astype(str)
+            counts.var_names_make_unique()
+            return counts
+        found.append(f"{name} holds {offending:g}")
+    raise InputError(
+        f"{path}: no raw integer counts (expected non-negative integers in {', '.join(ANNDATA_COUNT_MATRICES)}; "
+        f"found {'; '.join(found)}): log-normalised or scaled data cannot be stored as counts"
+    )
+
+
+def find_counts(root: Path) -> Path:
+    """Return the counts file of a Space Ranger folder: a 10x matrix (filtered first), else its only ``*.h5ad``.
+
+    Examples
+    --------
+    >>> find_counts(Path("outs")).name  # doctest: +SKIP
+    'filtered_feature_bc_matrix.h5'
+
+    """
+    for name in COUNTS_CANDIDATES:
+        if (root / name).exists():
+            return root / name
+    h5ads = sorted(root.glob("*.h5ad"))
+    if len(h5ads) > 1:
+        raise InputError(
+            f"{root}: several AnnData files ({', '.join(p.name for p in h5ads)}); pass counts= to pick one"
+        )
+    if h5ads:
+        return h5ads[0]
+    raise InputError(f"{root}: no count matrix found (expected one of {', '.join(COUNTS_CANDIDATES)}, or a *.h5ad)")
+
+
+# --------------------------------------------------------------------------------------------- positions
 def read_positions(path: Path) -> pd.DataFrame:
-    """Read Space Ranger spot positions (any version) indexed by barcode."""
+    """Read Space Ranger spot positions (any version) indexed by barcode.
+
+    Examples
+    --------
+    >>> read_positions(Path("outs/spatial/tissue_positions.parquet")).columns.tolist()  # doctest: +SKIP
+    ['in_tissue', 'array_row', 'array_col', 'pxl_row_in_fullres', 'pxl_col_in_fullres']
+
+    """
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -100,7 +210,178 @@ def read_positions(path: Path) -> pd.DataFrame:
     return frame[POSITION_COLUMNS].set_index("barcode")
 
 
-def _read_scalefactors(path: Path) -> dict[str, float]:
+def read_loupe_alignment(path: Path) -> pd.DataFrame:
+    """Read the spots of a Loupe manual-alignment JSON, one row per ``(array_row, array_col)``.
+
+    Columns: ``in_tissue`` (Loupe's ``tissue``; spots it left unselected have no entry and count as 0),
+    ``pxl_row_in_fullres``/``pxl_col_in_fullres`` (``imageY``/``imageX``) and ``spot_diameter_fullres`` (``dia``).
+
+    Examples
+    --------
+    >>> read_loupe_alignment(Path("V10M24-003-B1.json")).loc[(0, 0), "pxl_col_in_fullres"]  # doctest: +SKIP
+    3255.5408
+
+    """
+    try:
+        document = json.loads(path.read_text())
+        frame = pd.DataFrame(document["oligo"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{path}: not a Loupe alignment file with 'oligo' spots ({type(err).__name__}: {err})"
+        ) from err
+    missing = [key for key in ("row", "col", "imageX", "imageY", "dia") if key not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: Loupe 'oligo' entries lack {missing}; found keys {list(frame.columns)}")
+    in_tissue = frame["tissue"].eq(True) if "tissue" in frame.columns else pd.Series(False, index=frame.index)
+    spots = pd.DataFrame(
+        {
+            Keys.ARRAY_ROW: frame["row"].astype(np.int32),
+            Keys.ARRAY_COL: frame["col"].astype(np.int32),
+            Keys.IN_TISSUE: in_tissue.astype(np.int32),
+            "pxl_row_in_fullres": frame["imageY"].astype(np.float64),
+            "pxl_col_in_fullres": frame["imageX"].astype(np.float64),
+            "spot_diameter_fullres": frame["dia"].astype(np.float64),
+        }
+    ).set_index([Keys.ARRAY_ROW, Keys.ARRAY_COL])
+    if spots.index.has_duplicates:
+        raise InputError(
+            f"{path}: Loupe 'oligo' entries repeat array position (row, col) {spots.index[spots.index.duplicated()][0]}"
+        )
+    return spots
+
+
+def find_loupe_alignment(root: Path) -> Path | None:
+    """Return the Loupe alignment JSON (a ``*.json`` with ``oligo`` entries) in ``root`` or ``root/spatial``.
+
+    Examples
+    --------
+    >>> find_loupe_alignment(Path("GSM123")).name  # doctest: +SKIP
+    'V10M24-003-B1.json'
+
+    """
+    found = []
+    for candidate in sorted(root.glob("*.json")) + sorted((root / "spatial").glob("*.json")):
+        if candidate.name == VisiumKeys.SCALEFACTORS_FILE.value:
+            continue
+        try:
+            document = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict) and isinstance(document.get("oligo"), list):
+            found.append(candidate)
+    if len(found) > 1:
+        raise InputError(f"{root}: several Loupe alignment files ({', '.join(map(str, found))}); pass alignment=")
+    return found[0] if found else None
+
+
+def read_barcode_coordinates(path: Path) -> pd.DataFrame:
+    """Read Space Ranger's barcode coordinate list (``visium-vN_coordinates.txt``): barcode, 1-based column and row.
+
+    Returns ``array_row``/``array_col`` (0-based, as in ``tissue_positions.csv``) indexed by the 16-base barcode.
+
+    Examples
+    --------
+    >>> read_barcode_coordinates(Path("visium-v1_coordinates.txt")).shape  # doctest: +SKIP
+    (4992, 2)
+
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", header=None, names=["barcode", "col", "row"], dtype={"barcode": str})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read barcode coordinates ({err})") from err
+    if not all(pd.api.types.is_integer_dtype(table[column]) for column in ("col", "row")):
+        raise InputError(f"{path}: expected 3 tab-separated columns: barcode, 1-based column, 1-based row")
+    return pd.DataFrame(
+        {Keys.ARRAY_ROW: table["row"].astype(np.int32) - 1, Keys.ARRAY_COL: table["col"].astype(np.int32) - 1}
+    ).set_index(table["barcode"])
+
+
+def loupe_positions(
+    alignment_path: Path, adata: AnnData, barcode_coordinates: Path | None
+) -> tuple[pd.DataFrame, float]:
+    """Return the positions of the barcodes of ``adata`` from a Loupe alignment, and the spot diameter in pixels.
+
+    Barcodes get their array position from ``barcode_coordinates`` (Space Ranger's list; a ``-1`` gem-group suffix
+    is ignored) or else from ``adata.obs['array_row', 'array_col']``; barcodes without one are left out.
+
+    Examples
+    --------
+    >>> counts = read_counts(Path("GSM123/filtered_feature_bc_matrix.h5"))  # doctest: +SKIP
+    >>> alignment, coordinates = Path("GSM123/V10M24-003-B1.json"), Path("visium-v2_coordinates.txt")
+    >>> positions, diameter = loupe_positions(alignment, counts, coordinates)  # doctest: +SKIP
+
+    """
+    if barcode_coordinates is not None:
+        coordinates = read_barcode_coordinates(barcode_coordinates)
+        keys = adata.obs_names.str.replace(r"-\d+$", "", regex=True)
+        grid = coordinates.reindex(keys).set_index(adata.obs_names)
+    elif {Keys.ARRAY_ROW, Keys.ARRAY_COL} <= set(adata.obs.columns):
+        grid = adata.obs[[Keys.ARRAY_ROW, Keys.ARRAY_COL]]
+    else:
+        raise InputError(
+            f"{alignment_path}: a Loupe alignment places spots by array row/column and names no barcodes; pass "
+            "barcode_coordinates= (Space Ranger's barcodes/visium-vN_coordinates.txt) or counts whose obs hold "
+            "array_row/array_col"
+        )
+    spots = read_loupe_alignment(alignment_path)
+    grid = grid.dropna().astype(np.int32)
+    joined = grid.join(spots, on=[Keys.ARRAY_ROW, Keys.ARRAY_COL], how="inner")
+    joined.index.name = "barcode"
+    return joined[POSITION_COLUMNS[1:]], float(spots["spot_diameter_fullres"].median())
+
+
+def positions_for_barcodes(
+    positions: pd.DataFrame, barcodes: pd.Index, positions_source: str, counts_path: Path
+) -> pd.DataFrame:
+    """Return the positions rows of ``barcodes`` in their order, or fail naming both files when some lack one.
+
+    Examples
+    --------
+    >>> positions = pd.DataFrame({"in_tissue": [1, 0]}, index=["AAAC-1", "TTTG-1"])
+    >>> positions_for_barcodes(positions, pd.Index(["TTTG-1"]), "tissue_positions.csv", Path("matrix.h5"))
+            in_tissue
+    TTTG-1          0
+
+    """
+    missing = barcodes.difference(positions.index)
+    if len(missing):
+        raise InputError(
+            f"{positions_source}: {len(missing)} of the {len(barcodes)} barcodes of {counts_path.name} have no "
+            f"position (e.g. {missing[0]}); positions and counts come from different samples?"
+        )
+    return positions.loc[barcodes]
+
+
+def spot_expression(
+    adata: AnnData, positions: pd.DataFrame, counts_path: Path, region: str = Elements.SPOTS
+) -> AnnData:
+    """Build the expression table of Visium spots or bins: raw counts, barcode ids, array position, in_tissue.
+
+    Examples
+    --------
+    >>> spot_expression(counts, positions, Path("matrix.h5"), region="spots_square_008um")  # doctest: +SKIP
+
+    """
+    return expression_table(
+        adata.X,
+        adata.obs_names.astype(str),
+        adata.var,
+        region=region,
+        obs_columns={column: positions[column].to_numpy(dtype=np.int32) for column in SPOT_OBS_COLUMNS},
+        source=str(counts_path),
+    )
+
+
+# --------------------------------------------------------------------------------------------- images
+def read_scalefactors(path: Path) -> dict[str, float]:
+    """Read ``scalefactors_json.json``, which must give ``spot_diameter_fullres``.
+
+    Examples
+    --------
+    >>> read_scalefactors(Path("outs/spatial/scalefactors_json.json"))["spot_diameter_fullres"]  # doctest: +SKIP
+    89.43
+
+    """
     try:
         factors = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -132,27 +413,86 @@ def _read_image(path: Path) -> np.ndarray:
     return np.moveaxis(pixels[..., :3].astype(np.uint8, copy=False), -1, 0)
 
 
-def _pick_image(root: Path, image: Path | None, factors: dict[str, float]) -> tuple[Path, float] | None:
-    """Return the H&E to store and its scale to full resolution (1 for a full-resolution image)."""
-    if image is not None:
-        if not Path(image).is_file():
-            raise InputError(f"{image}: no such image file")
-        return Path(image), 1.0
+def pick_spatial_image(root: Path, factors: dict[str, float]) -> tuple[Path, float] | None:
+    """Return Space Ranger's hires (else lowres) image under ``root/spatial`` and its scale to full resolution.
+
+    Examples
+    --------
+    >>> pick_spatial_image(Path("outs"), {"tissue_hires_scalef": 0.15})  # doctest: +SKIP
+    (PosixPath('outs/spatial/tissue_hires_image.png'), 0.15)
+
+    """
     for name, key in (
-        (VisiumKeys.IMAGE_HIRES_FILE.value, "tissue_hires_scalef"),
-        (VisiumKeys.IMAGE_LOWRES_FILE.value, "tissue_lowres_scalef"),
+        (VisiumKeys.IMAGE_HIRES_FILE.value, VisiumKeys.SCALEFACTORS_HIRES.value),
+        (VisiumKeys.IMAGE_LOWRES_FILE.value, VisiumKeys.SCALEFACTORS_LOWRES.value),
     ):
         if (root / name).is_file() and key in factors:
             return root / name, float(factors[key])
     return None
 
 
+def he_image(
+    image_path: Path, scale: float, pixel_size_um: float, centres: np.ndarray
+) -> tuple[DataArray, dict[str, int]]:
+    """Read the H&E of a sample, check it covers the spot ``centres`` (full-resolution px), place it in ``global``.
+
+    Returns the image element and the measured metadata (``fullres_px_*`` for a full-resolution image).
+
+    Examples
+    --------
+    >>> element, measured = he_image(Path("slide.tif"), 1.0, 0.2738, centres)  # doctest: +SKIP
+    >>> measured  # doctest: +SKIP
+    {'fullres_px_height': 21943, 'fullres_px_width': 25421}
+
+    """
+    pixels = _read_image(image_path)
+    fullres_shape = (round(pixels.shape[1] / scale), round(pixels.shape[2] / scale))
+    _check_image_covers_spots(image_path, fullres_shape, centres)
+    to_global = Identity() if scale == 1.0 else Scale([1 / scale, 1 / scale], axes=("x", "y"))
+    element = Image2DModel.parse(
+        pixels,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=frame_transformations(pixel_size_um, to_global),
+    )
+    measured = {"fullres_px_height": fullres_shape[0], "fullres_px_width": fullres_shape[1]} if scale == 1.0 else {}
+    return element, measured
+
+
+def _check_image_covers_spots(image_path: Path, fullres_shape: tuple[int, int], centres: np.ndarray) -> None:
+    height, width = fullres_shape
+    beyond = (centres[:, 0] > width) | (centres[:, 1] > height) | (centres < 0).any(axis=1)
+    if beyond.any():
+        raise InputError(
+            f"{image_path}: image covers {width} x {height} full-resolution px but {int(beyond.sum())} spots lie "
+            f"outside it (max x {centres[:, 0].max():.0f}, max y {centres[:, 1].max():.0f}); wrong image?"
+        )
+
+
+def species_from_genome(adata: AnnData) -> str | None:
+    """Return the species of the reference genome named in ``var['genome']`` (10x matrices), if known.
+
+    Examples
+    --------
+    >>> species_from_genome(AnnData(var=pd.DataFrame({"genome": ["mm10"]}, index=["Xkr4"])))
+    'Mus musculus'
+
+    """
+    genome = str(adata.var["genome"].iloc[0]) if "genome" in adata.var and adata.n_vars else None
+    return _GENOME_SPECIES.get(genome)
+
+
+# --------------------------------------------------------------------------------------------- converter
 def read_visium(
     path: str | Path,
     *,
     image: str | Path | None = None,
     sample_id: str | None = None,
     metadata: SampleMetadata | None = None,
+    counts: str | Path | None = None,
+    alignment: str | Path | None = None,
+    barcode_coordinates: str | Path | None = None,
+    include_image: bool = True,
 ) -> SpatialData:
     """Read a Space Ranger ``outs/`` folder into a sample (a SpatialData object with its record).
 
@@ -167,6 +507,16 @@ def read_visium(
         Sample id (default: the folder name).
     metadata
         Known metadata (e.g. the HEST-1k CSV row); converter-measured fields fill its gaps.
+    counts
+        Counts file (10x h5, MEX directory or ``.h5ad``); default: found in ``path`` (:func:`find_counts`).
+    alignment
+        Loupe alignment JSON to place the spots; default: used only when ``spatial/`` has no positions file, found
+        as the ``*.json`` with ``oligo`` entries in ``path`` or ``path/spatial``.
+    barcode_coordinates
+        Space Ranger's ``visium-vN_coordinates.txt``, which gives Loupe spots their barcodes (not needed when the
+        counts' ``obs`` hold ``array_row``/``array_col``).
+    include_image
+        Store an H&E; ``False`` converts spots and counts only (e.g. when ``spatial/`` holds a cropped image).
 
     Returns
     -------
@@ -175,76 +525,74 @@ def read_visium(
     Raises
     ------
     InputError
-        Missing or unreadable files, positions lacking barcodes of the matrix, an image smaller than the
-        spot coordinates imply.
+        Missing or unreadable files, positions lacking barcodes of the matrix, normalised counts, an image smaller
+        than the spot coordinates imply.
 
     Examples
     --------
     >>> sdata = read_visium("outs", sample_id="V1_Mouse_Brain")  # doctest: +SKIP
+    >>> sdata = read_visium("GSM123", alignment="GSM123/V10M24-003-B1.json", image="GSM123/slide.tif")  # doctest: +SKIP
     >>> hest_zarr.write(sdata, "V1_Mouse_Brain.zarr")  # doctest: +SKIP
 
     """
     root = Path(path)
     if not root.is_dir():
         raise InputError(f"{root}: no such directory (expected a Space Ranger outs/ folder)")
-    counts_path = _first_existing(root, COUNTS_CANDIDATES, "count matrix")
-    positions_path = _first_existing(root, POSITIONS_CANDIDATES, "spot positions")
+    if image is not None and not include_image:
+        raise InputError(f"{image}: an image was given with include_image=False")
+    counts_path = Path(counts) if counts is not None else find_counts(root)
+    if not counts_path.exists():
+        raise InputError(f"{counts_path}: no such counts file")
     factors_path = root / SCALEFACTORS_FILE
-    if not factors_path.is_file():
-        raise InputError(f"{root}: no scale factors (expected {SCALEFACTORS_FILE})")
-    factors = _read_scalefactors(factors_path)
+    factors = read_scalefactors(factors_path) if factors_path.is_file() else {}
+    positions_path = next((root / name for name in POSITIONS_CANDIDATES if (root / name).exists()), None)
+    alignment_path = Path(alignment) if alignment is not None else None
+    if alignment_path is None and positions_path is None:
+        alignment_path = find_loupe_alignment(root)
+        if alignment_path is None:
+            raise InputError(
+                f"{root}: no spot positions found (expected one of {', '.join(POSITIONS_CANDIDATES)}, "
+                "or a Loupe alignment *.json with 'oligo' entries)"
+            )
     adata = read_counts(counts_path)
-    positions = read_positions(positions_path)
 
-    missing = adata.obs_names.difference(positions.index)
-    if len(missing):
-        raise InputError(
-            f"{positions_path}: {len(missing)} of the {adata.n_obs} barcodes of {counts_path.name} have no position "
-            f"(e.g. {missing[0]}); positions and counts come from different samples?"
-        )
-    positions = positions.loc[adata.obs_names]
-    spot_diameter_px = float(factors["spot_diameter_fullres"])
-    pixel_size_um = VISIUM_SPOT_DIAMETER_UM / spot_diameter_px
+    if alignment_path is not None:
+        coordinates_path = Path(barcode_coordinates) if barcode_coordinates is not None else None
+        positions, spot_diameter_px = loupe_positions(alignment_path, adata, coordinates_path)
+        spot_inputs = [str(p) for p in (counts_path, alignment_path, coordinates_path) if p is not None]
+        positions_source = " + ".join(spot_inputs[1:])
+        method = "loupe alignment"
+    else:
+        if not factors:
+            raise InputError(f"{root}: no scale factors (expected {SCALEFACTORS_FILE})")
+        positions = read_positions(positions_path)
+        spot_diameter_px = float(factors["spot_diameter_fullres"])
+        spot_inputs = [str(counts_path), str(positions_path), str(factors_path)]
+        positions_source = str(positions_path)
+        method = "space ranger"
+    positions = positions_for_barcodes(positions, adata.obs_names, positions_source, counts_path)
+    pixel_size_um = SPOT_DIAMETER_FULLRES_UM / spot_diameter_px
     barcodes = adata.obs_names.astype(str)
     centres = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
-    spots = circle_spots(centres, spot_diameter_px / 2, barcodes, pixel_size_um)
-    table = expression_table(
-        adata.X,
-        barcodes,
-        adata.var,
-        obs_columns={
-            c: positions[c].to_numpy(dtype=np.int32) for c in (Keys.ARRAY_ROW, Keys.ARRAY_COL, Keys.IN_TISSUE)
-        },
-        source=str(counts_path),
-    )
-    spot_inputs = [str(counts_path), str(positions_path), str(factors_path)]
+    spots = circle_spots(centres, VISIUM_SPOT_DIAMETER_UM / pixel_size_um / 2, barcodes, pixel_size_um)
+    table = spot_expression(adata, positions, counts_path)
     inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}
     images: dict[str, Any] = {}
-    parameters: dict[str, dict[str, Any]] = {}
+    parameters: dict[str, dict[str, Any]] = {Elements.SPOTS: {"spot_diameter_px": spot_diameter_px}}
     measured: dict[str, Any] = {}
-    picked = _pick_image(root, Path(image) if image is not None else None, factors)
-    if picked is not None:
+    picked = (Path(image), 1.0) if image is not None else pick_spatial_image(root, factors)
+    if include_image and picked is not None:
         image_path, scale = picked
-        pixels = _read_image(image_path)
-        fullres_shape = (round(pixels.shape[1] / scale), round(pixels.shape[2] / scale))
-        _check_image_covers_spots(image_path, fullres_shape, centres)
-        to_global = Identity() if scale == 1.0 else Scale([1 / scale, 1 / scale], axes=("x", "y"))
-        images[Elements.HE] = Image2DModel.parse(
-            pixels,
-            dims=("c", "y", "x"),
-            c_coords=["r", "g", "b"],
-            transformations=frame_transformations(pixel_size_um, to_global),
-        )
+        if not image_path.is_file():
+            raise InputError(f"{image_path}: no such image file")
+        images[Elements.HE], measured = he_image(image_path, scale, pixel_size_um, centres)
         inputs[Elements.HE] = [str(image_path)]
         parameters[Elements.HE] = {"scale_to_fullres": 1 / scale}
-        if scale == 1.0:
-            measured.update(fullres_px_height=fullres_shape[0], fullres_px_width=fullres_shape[1])
 
-    genome = str(adata.var["genome"].iloc[0]) if "genome" in adata.var and adata.n_vars else None
     measured.update(
         id=sample_id or root.name,
         st_technology="Visium",
-        species=_GENOME_SPECIES.get(genome),
+        species=species_from_genome(adata),
         spot_diameter=VISIUM_SPOT_DIAMETER_UM,
         inter_spot_dist=VISIUM_INTER_SPOT_DISTANCE_UM,
         spots_under_tissue=int(positions[Keys.IN_TISSUE].sum()),
@@ -261,14 +609,5 @@ def read_visium(
         shapes={Elements.SPOTS: spots},
         tables={Elements.SPOT_EXPRESSION: table},
         parameters=parameters,
+        methods={Elements.SPOTS: method},
     )
-
-
-def _check_image_covers_spots(image_path: Path, fullres_shape: tuple[int, int], centres: np.ndarray) -> None:
-    height, width = fullres_shape
-    beyond = (centres[:, 0] > width) | (centres[:, 1] > height) | (centres < 0).any(axis=1)
-    if beyond.any():
-        raise InputError(
-            f"{image_path}: image covers {width} x {height} full-resolution px but {int(beyond.sum())} spots lie "
-            f"outside it (max x {centres[:, 0].max():.0f}, max y {centres[:, 1].max():.0f}); wrong image?"
-        )

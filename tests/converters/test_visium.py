@@ -1,7 +1,9 @@
-"""The minimal Visium converter on real Space Ranger outputs, and its errors on bad input."""
+"""The Visium converter on real Space Ranger outputs (1.x, 2.x, CytAssist), h5ad counts, Loupe alignments, bad input."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from pathlib import Path
 
@@ -9,12 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+from anndata import AnnData
 from PIL import Image
 
 from hest_zarr.converters import read_visium
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 from hest_zarr.store import get_record
+from tests.conftest import shared
 
 
 def outs_copy(source: Path, tmp_path: Path, *, skip: tuple[str, ...] = ()) -> Path:
@@ -109,3 +113,145 @@ def test_positions_parquet_equals_csv(perik_visium: Path, tmp_path: Path) -> Non
     from_parquet = read_visium(outs)["spots"]
     from_csv = read_visium(perik_visium)["spots"]
     assert from_parquet.geometry.equals(from_csv.geometry)
+
+
+# ------------------------------------------------------------------------------------------ h5ad counts
+def counts_as_h5ad(perik: Path, target: Path, where: str) -> AnnData:
+    """Write the real perik counts into an h5ad the way processed files hold them; return the raw counts.
+
+    ``where``: ``X`` (raw counts as floats), ``raw.X`` (``X`` = log-normalised first 2,000 genes, ``raw`` = all genes)
+    or ``layers['counts']`` (``X`` = log-normalised).
+    """
+    counts = sc.read_10x_h5(perik / "filtered_feature_bc_matrix.h5")
+    counts.var_names_make_unique()
+    processed = counts.copy()
+    if where != "X":
+        sc.pp.normalize_total(processed, target_sum=1e4)
+        sc.pp.log1p(processed)
+    if where == "raw.X":
+        processed.raw = counts
+        processed = processed[:, :2000].copy()
+    elif where == "layers['counts']":
+        processed.layers["counts"] = counts.X
+    processed.write_h5ad(target)
+    return counts
+
+
+@pytest.mark.parametrize("where", ["X", "raw.X", "layers['counts']"])
+def test_h5ad_counts_equal_h5_counts(where: str, perik_visium: Path, tmp_path: Path) -> None:
+    outs = outs_copy(perik_visium, tmp_path, skip=("filtered_feature_bc_matrix",))
+    reference = counts_as_h5ad(perik_visium, outs / "processed.h5ad", where)
+    sdata = read_visium(outs)
+    table = sdata["spot_expression"]
+    assert table.shape == (2898, 19465)
+    assert list(table.obs_names) == list(reference.obs_names)
+    assert list(table.var_names) == list(reference.var_names)
+    assert table.X.dtype == np.int32
+    assert (table.X != reference.X.astype(np.int32)).nnz == 0
+    assert int(table.X.sum()) == 3_085_005
+    assert get_record(sdata).elements["spots"].provenance.inputs[0] == str(outs / "processed.h5ad")
+
+
+def test_log_normalised_h5ad_is_refused(perik_visium: Path, tmp_path: Path) -> None:
+    outs = outs_copy(perik_visium, tmp_path, skip=("filtered_feature_bc_matrix",))
+    counts = sc.read_10x_h5(perik_visium / "filtered_feature_bc_matrix.h5")
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    counts.write_h5ad(outs / "normalised.h5ad")
+    with pytest.raises(
+        InputError,
+        match=r"normalised.h5ad: no raw integer counts .*found no layers\['counts'\]; X holds \d+\.\d+; no raw.X\)"
+        r": log-normalised",
+    ):
+        read_visium(outs)
+
+
+# ------------------------------------------------------------------------------------------ Loupe alignment
+def loupe_fixture(perik: Path, tmp_path: Path) -> tuple[Path, Path, pd.DataFrame]:
+    """Perik without positions, plus a Loupe JSON and Space Ranger-style barcode coordinates.
+
+    The Loupe JSON is HEST's real 6.5 mm Visium template (``spot_templates/template65.json``), which has the layout of
+    a Loupe manual alignment (``oligo`` entries with row, col, imageX, imageY, dia, tissue); its spots are not this
+    sample's, so the image is left out. The coordinates file (barcode, 1-based column, 1-based row, as
+    ``visium-v1_coordinates.txt``) is derived from perik's real positions.
+    """
+    outs = outs_copy(perik, tmp_path, skip=("spatial/tissue_positions.csv",))
+    os.symlink(shared("hest", "spot_templates", "template65.json"), outs / "V10M24-003-B1.json")
+    positions = pd.read_csv(perik / "spatial" / "tissue_positions.csv", index_col="barcode")
+    coordinates = pd.DataFrame(
+        {"col": positions["array_col"].to_numpy() + 1, "row": positions["array_row"].to_numpy() + 1},
+        index=positions.index.str.removesuffix("-1"),
+    )
+    coordinates_path = tmp_path / "visium-v2_coordinates.txt"
+    coordinates.to_csv(coordinates_path, sep="\t", header=False)
+    return outs, coordinates_path, positions
+
+
+def test_loupe_alignment_places_the_spots(perik_visium: Path, tmp_path: Path) -> None:
+    outs, coordinates_path, positions = loupe_fixture(perik_visium, tmp_path)
+    oligos = pd.DataFrame(json.loads(shared("hest", "spot_templates", "template65.json").read_text())["oligo"])
+    oligos = oligos.set_index(["row", "col"])
+    sdata = read_visium(outs, barcode_coordinates=coordinates_path, include_image=False)
+
+    spots = sdata["spots"]
+    grid = positions.loc[spots.index, ["array_row", "array_col"]]
+    expected = oligos.loc[pd.MultiIndex.from_frame(grid)]
+    assert len(spots) == 2898
+    assert np.array_equal(spots.geometry.x, expected["imageX"]) and np.array_equal(spots.geometry.y, expected["imageY"])
+    assert np.allclose(spots["radius"], 256.96118 * 55 / 65 / 2)
+    table = sdata["spot_expression"]
+    assert table.obs["in_tissue"].tolist() == expected["tissue"].eq(True).astype(int).tolist()
+    assert table.obs["array_row"].tolist() == grid["array_row"].tolist()
+    record = get_record(sdata)
+    assert record.pixel_size_um == pytest.approx(65 / 256.96118)
+    assert record.elements["spots"].provenance.method == "loupe alignment"
+    assert set(sdata.images) == set()
+
+    # the array positions may come from the counts' obs instead of the coordinates file
+    with_grid = sc.read_10x_h5(perik_visium / "filtered_feature_bc_matrix.h5")
+    with_grid.obs[["array_row", "array_col"]] = positions.loc[with_grid.obs_names, ["array_row", "array_col"]]
+    with_grid.write_h5ad(tmp_path / "with_grid.h5ad")
+    from_obs = read_visium(outs, counts=tmp_path / "with_grid.h5ad", include_image=False)["spots"]
+    assert from_obs.geometry.equals(spots.geometry)
+
+
+def test_loupe_alignment_without_barcode_positions(perik_visium: Path, tmp_path: Path) -> None:
+    outs, _, _ = loupe_fixture(perik_visium, tmp_path)
+    with pytest.raises(InputError, match=r"V10M24-003-B1.json: a Loupe alignment places spots by array row/column"):
+        read_visium(outs, include_image=False)
+
+
+def test_no_positions_and_no_loupe_alignment(perik_visium: Path, tmp_path: Path) -> None:
+    outs = outs_copy(perik_visium, tmp_path, skip=("spatial/tissue_positions.csv",))
+    with pytest.raises(InputError, match=r"outs: no spot positions found .*or a Loupe alignment \*.json"):
+        read_visium(outs)
+
+
+# ------------------------------------------------------------------------------------------ Space Ranger 2.x
+def test_space_ranger_2_layout_with_plain_mex(tmp_path: Path) -> None:
+    """SFE's real Space Ranger 2.x layout: header positions, MEX not gzipped, a hires image cropped to the spots."""
+    outs = shared("SFE", "visium_v2_sample01", "outs")
+    with pytest.raises(InputError, match=r"tissue_hires_image.png: image covers \d+ x \d+ full-resolution px but 12"):
+        read_visium(outs)  # the crop cannot be placed: its offset in the slide is not recorded
+    sdata = read_visium(outs, include_image=False)
+
+    gzipped = tmp_path / "mex"  # scanpy 1.11 reads a v3 MEX only gzipped
+    gzipped.mkdir()
+    for path in (outs / "filtered_feature_bc_matrix").iterdir():
+        (gzipped / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    reference = sc.read_10x_mtx(gzipped)
+    table = sdata["spot_expression"]
+    assert table.shape == (12, 5)
+    assert list(table.obs_names) == list(reference.obs_names)
+    assert list(table.var_names) == list(reference.var_names) == ["ACPP", "KLK3", "MSMB", "TGM4", "TAGLN"]
+    assert (table.X != reference.X.astype(np.int32)).nnz == 0
+    assert int(table.X.sum()) == int(reference.X.sum()) == 2_951
+
+    positions = pd.read_csv(outs / "spatial" / "tissue_positions.csv", index_col="barcode").loc[table.obs_names]
+    spots = sdata["spots"].loc[table.obs_names]
+    assert np.array_equal(spots.geometry.x, positions["pxl_col_in_fullres"])
+    assert np.array_equal(spots.geometry.y, positions["pxl_row_in_fullres"])
+    assert np.allclose(spots["radius"], 188.56909 * 55 / 65 / 2)
+    for column in ("array_row", "array_col", "in_tissue"):
+        assert table.obs[column].tolist() == positions[column].tolist()
+    assert get_record(sdata).metadata.spots_under_tissue == 12

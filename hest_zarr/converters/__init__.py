@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 from spatialdata import SpatialData
 
+from hest_zarr.converters.hest import export_hest, read_hest
+from hest_zarr.converters.legacy import read_legacy
+from hest_zarr.converters.nuclei import add_segmentation, read_segmentation, to_qupath_geojson
+from hest_zarr.converters.slides import SlideImage, he_element, slide_image
+from hest_zarr.converters.st_v1 import read_st_v1
 from hest_zarr.converters.visium import read_visium
+from hest_zarr.converters.visium_hd import read_visium_hd
+from hest_zarr.converters.xenium import read_xenium
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 
@@ -115,32 +122,40 @@ def read_sample(
     chosen = detect_technology(source) if technology == "auto" else technology
     common: dict[str, Any] = {"sample_id": sample_id, "metadata": metadata}
     if chosen == "visium":
-        return read_visium(source, image=image, **common)
+        return read_visium(source, image=image, alignment=alignment, **common)
     if chosen == "visium-hd":
-        from hest_zarr.converters.visium_hd import read_visium_hd
-
         return read_visium_hd(source, image=image, **common)
     if chosen == "xenium":
-        from hest_zarr.converters.xenium import read_xenium
-
         return read_xenium(source, he_image=image, alignment=alignment, **common)
     if chosen == "st":
-        from hest_zarr.converters.st_v1 import read_st_v1
-
         return read_st_v1(source, alignment=alignment, image=image, **common)
     if chosen == "legacy":
-        from hest_zarr.converters.legacy import read_legacy
-
         if coordinates is None:
             raise InputError(f"{source}: legacy expression tables need a coordinate table (--coordinates)")
         return read_legacy(source, coordinates, image=image, **common)
     if chosen == "hest":
-        from hest_zarr.converters.hest import read_hest
-
         if sample_id is None:
             raise InputError(f"{source}: a HEST-1k download holds many samples; pass the sample id (--sample-id)")
         return read_hest(source, sample_id)
     raise InputError(f"unknown technology {chosen!r}; expected one of {TECHNOLOGIES}")
 
 
-__all__ = ["TECHNOLOGIES", "Technology", "detect_technology", "read_sample", "read_visium"]
+__all__ = [
+    "TECHNOLOGIES",
+    "SlideImage",
+    "Technology",
+    "add_segmentation",
+    "detect_technology",
+    "export_hest",
+    "he_element",
+    "read_hest",
+    "read_legacy",
+    "read_sample",
+    "read_segmentation",
+    "read_st_v1",
+    "read_visium",
+    "read_visium_hd",
+    "read_xenium",
+    "slide_image",
+    "to_qupath_geojson",
+]

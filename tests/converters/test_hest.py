@@ -1,0 +1,134 @@
+"""HEST-1k layout: import a released-style sample, export a store back, and round-trip between them.
+
+No HEST-1k sample is available offline, so the released-style folder is built in the test from real data
+(the ST v1 section MOB1: its H&E JPG, count table and spot-detector alignment table), laid out as the
+HEST-1k dataset card describes; the tissue contour is a synthetic polygon around the selected spots.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata
+import geopandas
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+from shapely import MultiPoint
+from xarray import DataArray, DataTree
+
+import hest_zarr
+from hest_zarr.converters.hest import export_hest, read_hest, write_pyramidal_tiff
+from hest_zarr.converters.slides import slide_image
+from hest_zarr.converters.visium import read_visium
+from hest_zarr.errors import InputError
+from tests.conftest import shared
+
+
+def level0(image: DataArray | DataTree) -> np.ndarray:
+    return (image["scale0"]["image"] if isinstance(image, DataTree) else image).values
+
+
+@pytest.fixture
+def mob1_hest(tmp_path: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame, float]:
+    counts = pd.read_csv(shared("STUtility_ST_v1", "MOB1.tsv"), sep="\t", index_col=0)
+    alignment = pd.read_csv(shared("STUtility_ST_v1", "alignment_table_MOB1.tsv"), sep="\t")
+    alignment.index = [f"{x}x{y}" for x, y in zip(alignment["x"], alignment["y"], strict=True)]
+    counts = counts.loc[counts.index.isin(alignment.index)]
+    positions = alignment.loc[counts.index]
+    # MOB uses the ST "2k" array: one array unit is 100 um; pixels per unit from the alignment table itself
+    step_px = np.median(np.diff(np.sort(alignment.groupby("x")["pixel_x"].mean().to_numpy())))
+    pixel_size = 100.0 / step_px
+    root = tmp_path / "hest"
+    pixels = np.asarray(Image.open(shared("STUtility_ST_v1", "MOB1.jpg")).convert("RGB")).transpose(2, 0, 1)
+    write_pyramidal_tiff([pixels], root / "wsis" / "MOB1.tif", pixel_size_um=pixel_size * 10, jpeg_quality=None)
+    obs = pd.DataFrame(
+        {
+            "pxl_col_in_fullres": positions["pixel_x"].to_numpy(),
+            "pxl_row_in_fullres": positions["pixel_y"].to_numpy(),
+            "array_col": positions["x"].to_numpy(),
+            "array_row": positions["y"].to_numpy(),
+            "in_tissue": positions["selected"].to_numpy(),
+        },
+        index=counts.index,
+    )
+    (root / "st").mkdir()
+    anndata.AnnData(X=counts.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=counts.columns)).write_h5ad(
+        root / "st" / "MOB1.h5ad"
+    )
+    (root / "metadata").mkdir()
+    metadata = {
+        "id": "MOB1",
+        "st_technology": "Spatial Transcriptomics",
+        "species": "Mus musculus",
+        "spot_diameter": 100.0,
+        "inter_spot_dist": 200.0,
+        "pixel_size_um_estimated": pixel_size,
+        "pixel_size_um_embedded": pixel_size * 10,
+        "dataset_title": "Mouse olfactory bulb (STUtility example)",
+        "some_future_key": 1,
+    }
+    (root / "metadata" / "MOB1.json").write_text(json.dumps(metadata))
+    selected = positions[positions["selected"] == 1]
+    hull = MultiPoint(selected[["pixel_x", "pixel_y"]].to_numpy()).convex_hull
+    (root / "tissue_seg").mkdir()
+    geopandas.GeoDataFrame({"tissue_id": [0]}, geometry=[hull]).to_file(root / "tissue_seg" / "MOB1_contours.geojson")
+    return root, counts, positions, pixel_size
+
+
+def test_import_released_layout(mob1_hest) -> None:
+    root, counts, positions, pixel_size = mob1_hest
+    sdata = read_hest(root, "MOB1")
+    table = sdata["spot_expression"]
+    assert table.shape == counts.shape
+    assert (table.X.toarray() == counts.to_numpy()).all()
+    spots = sdata["spots"].loc[counts.index]
+    np.testing.assert_array_equal(spots.geometry.x, positions["pixel_x"])
+    np.testing.assert_array_equal(spots.geometry.y, positions["pixel_y"])
+    np.testing.assert_allclose(spots["radius"], 50.0 / pixel_size)
+    record = hest_zarr.get_record(sdata)
+    assert record.pixel_size_um == pytest.approx(pixel_size)  # the metadata's, not the 10x-off TIFF tag
+    assert record.metadata.dataset_title.startswith("Mouse olfactory bulb")
+    assert record.elements["spots"].provenance.parameters["unused_metadata_keys"] == ["some_future_key"]
+    jpg = np.asarray(Image.open(shared("STUtility_ST_v1", "MOB1.jpg")).convert("RGB")).transpose(2, 0, 1)
+    np.testing.assert_array_equal(level0(sdata["he"]), jpg)
+    assert sdata["tissue"].geometry.iloc[0].contains(spots.geometry[positions["selected"].to_numpy() == 1]).sum() > 0
+
+
+def test_store_exports_to_hest_and_imports_back(perik_visium: Path, tmp_path: Path) -> None:
+    url = hest_zarr.write(read_visium(perik_visium, sample_id="PERIK"), tmp_path / "perik.zarr")
+    written = export_hest(url, tmp_path / "hest", jpeg_quality=None)
+    assert sorted(written) == ["metadata", "st", "wsi"]
+
+    original = hest_zarr.open(url)
+    exported_pixel_size = json.loads(written["metadata"].read_text())["pixel_size_um_estimated"]
+    assert exported_pixel_size == pytest.approx(hest_zarr.get_record(original).pixel_size_um / 0.2)  # lowres
+    assert slide_image(written["wsi"]).pixel_size_um == pytest.approx(exported_pixel_size, rel=1e-6)
+
+    back = read_hest(tmp_path / "hest", "PERIK")
+    assert (back["spot_expression"].X != original["spot_expression"].X).nnz == 0
+    ids = original["spot_expression"].obs_names
+    original_um = np.column_stack([original["spots"].loc[ids].geometry.x, original["spots"].loc[ids].geometry.y])
+    original_um *= hest_zarr.get_record(original).pixel_size_um
+    back_um = (
+        np.column_stack([back["spots"].loc[ids].geometry.x, back["spots"].loc[ids].geometry.y]) * exported_pixel_size
+    )
+    np.testing.assert_allclose(back_um, original_um, rtol=1e-9)
+    np.testing.assert_array_equal(level0(back["he"]), level0(original["he"]))
+    with tifffile.TiffFile(written["wsi"]) as tif:
+        assert tif.pages[0].tags["ResolutionUnit"].value == 3  # centimetre, as the tag values are px/cm
+
+
+def test_bad_hest_folders(mob1_hest, tmp_path: Path) -> None:
+    root, *_ = mob1_hest
+    with pytest.raises(InputError, match=r"metadata/MOB2.json: no such file"):
+        read_hest(root, "MOB2")
+    (root / "st" / "MOB1.h5ad").rename(root / "st" / "other.h5ad")
+    with pytest.raises(InputError, match=r"st/MOB1.h5ad: no such file"):
+        read_hest(root, "MOB1")
+    anndata.AnnData(X=np.zeros((2, 2), dtype=np.float32)).write_h5ad(root / "st" / "MOB1.h5ad")
+    with pytest.raises(InputError, match=r"obs lacks \['pxl_col_in_fullres', 'pxl_row_in_fullres'\]"):
+        read_hest(root, "MOB1")

@@ -88,3 +88,27 @@ def test_wrong_schema_version_and_unreachable_url_are_one_line(scanpy_visium: Pa
         assert result.exit_code == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and str(args[1]) in lines[0], result.stderr
+
+
+def test_convert_detects_each_technology(tmp_path: Path) -> None:
+    """`convert` without --technology picks the converter from the files of each real source."""
+    import hest_zarr
+    from hest_zarr.converters import detect_technology
+    from tests.conftest import shared
+
+    sources = {
+        "xenium": (shared("SFE", "xenium"), []),
+        "visium-hd": (shared("VisiumIO_visiumhd"), []),
+        "st": (
+            shared("STUtility_ST_v1", "MOB1.tsv"),
+            ["--alignment", str(shared("STUtility_ST_v1", "alignment_table_MOB1.tsv"))],
+        ),
+    }
+    for technology, (source, extra) in sources.items():
+        assert detect_technology(source) == technology
+        out = tmp_path / f"{technology}.zarr"
+        result = runner.invoke(app, ["convert", str(source), str(out), *extra])
+        assert result.exit_code == 0, result.output
+        assert hest_zarr.validate(out) == []
+        expected_technology = {"xenium": "Xenium", "visium-hd": "Visium HD", "st": "Spatial Transcriptomics"}
+        assert hest_zarr.get_record(hest_zarr.open(out)).metadata.st_technology == expected_technology[technology]

@@ -161,6 +161,7 @@ def build_sample(
     tables: Mapping[str, Any] | None = None,
     parameters: Mapping[str, Mapping[str, Any]] | None = None,
     methods: Mapping[str, str] | None = None,
+    estimated_errors_um: Mapping[str, float] | None = None,
 ) -> SpatialData:
     """Assemble a sample and its record.
 
@@ -179,8 +180,8 @@ def build_sample(
         Metadata known beforehand (e.g. a HEST-1k CSV row); its values win over measured ones.
     images, shapes, points, tables
         The elements.
-    parameters, methods
-        Per-element provenance details.
+    parameters, methods, estimated_errors_um
+        Per-element provenance details (``estimated_errors_um``: positional error in micrometres).
 
     """
     elements = {
@@ -199,6 +200,7 @@ def build_sample(
                     inputs=[str(p) for p in inputs.get(name, ())],
                     method=(methods or {}).get(name),
                     parameters=dict((parameters or {}).get(name, {})),
+                    estimated_error_um=(estimated_errors_um or {}).get(name),
                     hest_zarr_version=hest_zarr.__version__,
                 ),
             )

@@ -553,15 +553,6 @@ def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um
     return np.asarray(array_xy, dtype=np.float64) * np.asarray(ARRAY_LATTICES[technology]) * inter_spot_dist_um
 
 
-def set_estimated_error(sdata: SpatialData, element: str, error_um: float) -> None:
-    """Record the estimated positional error (um) of an element in the sample's record."""
-    from hest_zarr.store import get_record, set_record
-
-    record = get_record(sdata)
-    record.elements[element].provenance.estimated_error_um = error_um
-    set_record(sdata, record)
-
-
 def compact_integers(values: np.ndarray) -> np.ndarray:
     """Return integer-valued numbers as int32 (array positions, flags); anything else unchanged.
 
@@ -731,7 +722,7 @@ def read_legacy(
         nb_genes=int(adata.n_vars),
         pixel_size_um_estimated=pixel_size if coords.kind == "pixel" else None,
     )
-    sdata = build_sample(
+    return build_sample(
         converter="legacy",
         metadata=measured,
         pixel_size_um=pixel_size,
@@ -742,7 +733,5 @@ def read_legacy(
         tables={Elements.SPOT_EXPRESSION: table},
         parameters={Elements.SPOTS: spot_parameters, Elements.SPOT_EXPRESSION: table_parameters},
         methods={Elements.SPOTS: method},
+        estimated_errors_um={Elements.SPOTS: error_um} if error_um is not None else None,
     )
-    if error_um is not None:
-        set_estimated_error(sdata, Elements.SPOTS, error_um)
-    return sdata

@@ -38,7 +38,6 @@ from hest_zarr.converters.legacy import (
     fit_lattice,
     infer_species,
     read_delimited_table,
-    set_estimated_error,
 )
 from hest_zarr.converters.visium import _check_image_covers_spots, _read_image
 from hest_zarr.errors import InputError
@@ -288,7 +287,7 @@ def read_st_v1(
         nb_genes=int(frame.shape[1]),
         pixel_size_um_estimated=pixel_size if alignment is not None else None,
     )
-    sdata = build_sample(
+    return build_sample(
         converter="st_v1",
         metadata=measured,
         pixel_size_um=pixel_size,
@@ -299,7 +298,5 @@ def read_st_v1(
         tables={Elements.SPOT_EXPRESSION: expression},
         parameters={Elements.SPOTS: spot_parameters, Elements.SPOT_EXPRESSION: table_parameters},
         methods={Elements.SPOTS: method},
+        estimated_errors_um={Elements.SPOTS: error_um} if error_um is not None else None,
     )
-    if error_um is not None:
-        set_estimated_error(sdata, Elements.SPOTS, error_um)
-    return sdata

@@ -76,7 +76,6 @@ from hest_zarr.converters.slides import RGB_CHANNELS, he_element, slide_image
 from hest_zarr.converters.visium import read_counts
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
-from hest_zarr.store import get_record, set_record
 
 #: Micrometres per morphology pixel of every Xenium instrument so far, used when ``experiment.xenium`` is absent.
 DEFAULT_PIXEL_SIZE_UM = 0.2125
@@ -898,7 +897,7 @@ def read_xenium(
         images[Elements.HE] = he
         inputs[Elements.HE] = [str(he_image)] if isinstance(he_image, str | Path) else []
 
-    sdata = build_sample(
+    return build_sample(
         converter=SOURCE,
         metadata=measured,
         pixel_size_um=frame.pixel_size_um,
@@ -910,10 +909,9 @@ def read_xenium(
         tables=tables,
         parameters=parameters,
         methods=methods,
+        estimated_errors_um=(
+            dict.fromkeys(methods, aligned.estimated_error_um)
+            if aligned is not None and aligned.estimated_error_um is not None
+            else None
+        ),
     )
-    if aligned is not None and aligned.estimated_error_um is not None:
-        record = get_record(sdata)
-        for name in methods:
-            record.elements[name].provenance.estimated_error_um = aligned.estimated_error_um
-        set_record(sdata, record)
-    return sdata

@@ -19,6 +19,7 @@ tags, which the HEST release wrote 10x off (px/cm read as px/mm).
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,12 @@ def _read_cellvit(paths: dict[str, Path], pixel_size_um: float) -> tuple[geopand
         if not path.is_file():
             continue
         if key == "cellvit_zip":
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as tmp:
                 names = [n for n in archive.namelist() if n.endswith(".geojson")]
                 if not names:
                     raise InputError(f"{path}: no .geojson inside the archive")
-                extracted = Path(archive.extract(names[0], path.parent / ".extracted"))
-            return read_segmentation(extracted, format="cellvit", pixel_size_um=pixel_size_um), path
+                extracted = Path(archive.extract(names[0], tmp))
+                return read_segmentation(extracted, format="cellvit", pixel_size_um=pixel_size_um), path
         if key == "cellvit_parquet":
             frame = geopandas.read_parquet(path)
             frame.index = frame.index.astype(str)

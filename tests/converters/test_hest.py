@@ -132,3 +132,26 @@ def test_bad_hest_folders(mob1_hest, tmp_path: Path) -> None:
     anndata.AnnData(X=np.zeros((2, 2), dtype=np.float32)).write_h5ad(root / "st" / "MOB1.h5ad")
     with pytest.raises(InputError, match=r"obs lacks \['pxl_col_in_fullres', 'pxl_row_in_fullres'\]"):
         read_hest(root, "MOB1")
+
+
+def test_zipped_cellvit_nuclei_are_imported_without_leaving_files(mob1_hest) -> None:
+    """HEST ships CellViT nuclei as ``ID_cellvit_seg.geojson.zip``; the CellViT-style content is synthetic:
+    two nuclei drawn around real MOB1 spot positions (no CellViT output exists offline)."""
+    import zipfile
+
+    root, _, positions, _ = mob1_hest
+    (x0, y0), (x1, y1) = positions[["pixel_x", "pixel_y"]].to_numpy()[:2]
+    square = lambda x, y: [[[x - 5, y - 5], [x + 5, y - 5], [x + 5, y + 5], [x - 5, y + 5], [x - 5, y - 5]]]  # noqa: E731
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "MultiPolygon", "coordinates": [square(x0, y0), square(x1, y1)]},
+        "properties": {"classification": {"name": "Neoplastic", "color": [255, 0, 0]}},
+    }
+    (root / "cellvit_seg").mkdir()
+    archive_path = root / "cellvit_seg" / "MOB1_cellvit_seg.geojson.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("MOB1_cellvit_seg.geojson", json.dumps([feature]))
+    nuclei = read_hest(root, "MOB1")["nuclei"]
+    assert len(nuclei) == 2 and set(nuclei["class"]) == {"Neoplastic"}
+    np.testing.assert_allclose(nuclei.geometry.centroid.x.sort_values(), sorted([x0, x1]))
+    assert sorted(p.name for p in archive_path.parent.iterdir()) == [archive_path.name]

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import anndata
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -43,7 +42,6 @@ from hest_zarr.converters._common import (
     circle_spots,
     expression_table,
     frame_transformations,
-    integer_counts,
 )
 from hest_zarr.converters.visium import (
     POSITION_COLUMNS,
@@ -51,6 +49,7 @@ from hest_zarr.converters.visium import (
     VISIUM_SPOT_DIAMETER_UM,
     _check_image_covers_spots,
     _read_image,
+    read_anndata_counts,
     read_counts,
 )
 from hest_zarr.errors import InputError
@@ -268,30 +267,6 @@ def infer_species(gene_names: Iterable[Any]) -> tuple[str, str] | None:
 
 
 # --------------------------------------------------------------------------------------------- expression
-def _is_integer_matrix(matrix: Any) -> bool:
-    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
-    return bool(values.size == 0 or (np.array_equal(values, np.round(values)) and values.min() >= 0))
-
-
-def _anndata_counts(adata: AnnData, path: Path) -> AnnData:
-    """Keep the raw counts of an AnnData: ``X`` if integer, else ``layers['counts']``."""
-    if _is_integer_matrix(adata.X):
-        return adata
-    if "counts" in adata.layers and _is_integer_matrix(adata.layers["counts"]):
-        return AnnData(X=adata.layers["counts"], obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
-    layers = "a layers['counts'] that is not integer either" if "counts" in adata.layers else "no layers['counts']"
-    raise InputError(f"{path}: no raw integer counts (X holds normalised or negative values; {layers})")
-
-
-def _read_anndata(path: Path) -> AnnData:
-    try:
-        adata = anndata.read_h5ad(path)
-    except Exception as err:  # h5py and anndata raise many types on foreign or damaged files
-        raise InputError(f"{path}: not a readable AnnData file ({type(err).__name__}: {err})") from err
-    adata.obs_names = adata.obs_names.astype(str)
-    return _anndata_counts(adata, path)
-
-
 def _h5_layout(path: Path) -> Literal["10x", "anndata"]:
     import h5py
 
@@ -309,41 +284,17 @@ def _h5_layout(path: Path) -> Literal["10x", "anndata"]:
     raise InputError(f"{path}: unknown HDF5 layout (expected a 10x matrix or an AnnData); found groups {sorted(keys)}")
 
 
-def _read_uncompressed_mex(path: Path) -> AnnData:
-    """Read a Space Ranger 2+ MEX directory whose files are not gzipped (scanpy 1.11 reads those only gzipped)."""
-    from scipy.io import mmread
-
-    try:
-        matrix = sparse.csr_matrix(mmread(path / "matrix.mtx").T)
-        features = pd.read_csv(path / "features.tsv", sep="\t", header=None)
-        barcodes = pd.read_csv(path / "barcodes.tsv", sep="\t", header=None)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise InputError(f"{path}: not a readable MEX directory ({type(err).__name__}: {err})") from err
-    if matrix.shape != (len(barcodes), len(features)):
-        raise InputError(
-            f"{path}: matrix.mtx is {matrix.shape[1]} x {matrix.shape[0]} but there are {len(features)} features "
-            f"and {len(barcodes)} barcodes"
-        )
-    var = pd.DataFrame({"gene_ids": features[0].astype(str).to_numpy()}, index=features[1].astype(str).to_numpy())
-    if features.shape[1] > 2:
-        var["feature_types"] = features[2].to_numpy()
-    adata = AnnData(X=integer_counts(matrix, str(path)), obs=pd.DataFrame(index=barcodes[0].astype(str)), var=var)
-    adata.var_names_make_unique()
-    return adata
-
-
 def _read_expression(path: Path) -> AnnData | pd.DataFrame:
     """Return an AnnData (spots x genes) or, for a text table, the table in its file orientation."""
     if path.is_dir():
-        plain = (path / "matrix.mtx").is_file() and (path / "features.tsv").is_file()
-        return _read_uncompressed_mex(path) if plain else read_counts(path)
+        return read_counts(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected the expression matrix)")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes[-1:] == [".h5ad"]:
-        return _read_anndata(path)
+        return read_anndata_counts(path)
     if suffixes[-1:] == [".h5"]:
-        return read_counts(path) if _h5_layout(path) == "10x" else _read_anndata(path)
+        return read_counts(path) if _h5_layout(path) == "10x" else read_anndata_counts(path)
     if any(s in TEXT_SUFFIXES for s in suffixes[-2:]):
         table = read_delimited_table(path)
         non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]

@@ -88,10 +88,7 @@ def read_counts(path: Path) -> AnnData:
     if path.suffix.lower() == ".h5ad":
         return read_anndata_counts(path)
     if path.is_dir() and (path / "matrix.mtx").is_file() and (path / "features.tsv").is_file():
-        # scanpy 1.11 reads a v3 MEX only when gzipped; the legacy converter reads the plain files
-        from hest_zarr.converters.legacy import _read_uncompressed_mex
-
-        return _read_uncompressed_mex(path)
+        return read_plain_mex(path)
     try:
         if path.is_dir():
             adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=True, gex_only=False)
@@ -103,6 +100,29 @@ def read_counts(path: Path) -> AnnData:
     except Exception as err:  # h5py raises OSError/KeyError, scanpy ValueError on damaged files
         raise InputError(f"{path}: not a readable 10x feature-barcode matrix ({type(err).__name__}: {err})") from err
     adata.X = integer_counts(adata.X, str(path))
+    return adata
+
+
+def read_plain_mex(path: Path) -> AnnData:
+    """Read a Space Ranger 2+ MEX directory whose files are not gzipped (scanpy 1.11 reads those only gzipped)."""
+    from scipy.io import mmread
+
+    try:
+        matrix = sparse.csr_matrix(mmread(path / "matrix.mtx").T)
+        features = pd.read_csv(path / "features.tsv", sep="\t", header=None)
+        barcodes = pd.read_csv(path / "barcodes.tsv", sep="\t", header=None)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: not a readable MEX directory ({type(err).__name__}: {err})") from err
+    if matrix.shape != (len(barcodes), len(features)):
+        raise InputError(
+            f"{path}: matrix.mtx is {matrix.shape[1]} x {matrix.shape[0]} but there are {len(features)} features "
+            f"and {len(barcodes)} barcodes"
+        )
+    var = pd.DataFrame({"gene_ids": features[0].astype(str).to_numpy()}, index=features[1].astype(str).to_numpy())
+    if features.shape[1] > 2:
+        var["feature_types"] = features[2].to_numpy()
+    adata = AnnData(X=integer_counts(matrix, str(path)), obs=pd.DataFrame(index=barcodes[0].astype(str)), var=var)
+    adata.var_names_make_unique()
     return adata
 
 
@@ -150,7 +170,9 @@ def read_anndata_counts(path: Path) -> AnnData:
             continue
         offending = _first_non_count(matrix)
         if offending is None:
-            counts = AnnData(X=integer_counts(matrix, f"{path} {name}"), obs=adata.obs, var=var.copy())
+            counts = AnnData(
+                X=integer_counts(matrix, f"{path} {name}"), obs=adata.obs, var=var.copy(), obsm=dict(adata.obsm)
+            )
             counts.obs_names = counts.obs_names.astype(str)
             counts.var_names_make_unique()
             return counts

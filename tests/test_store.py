@@ -135,11 +135,9 @@ def test_pyramid_levels_are_2x2_means_of_the_level_above(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
-def test_failed_local_write_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scanpy_visium: Path
-) -> None:
-    sdata = read_visium(scanpy_visium)
-    calls = []
+def crash_on_second_element(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make ``write`` raise while writing its second element; return the element names it started."""
+    calls: list[str] = []
     original = store._write_element
 
     def fail_after_first(*args, **kwargs):
@@ -149,6 +147,14 @@ def test_failed_local_write_leaves_nothing(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(store, "_write_element", fail_after_first)
+    return calls
+
+
+def test_failed_local_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scanpy_visium: Path
+) -> None:
+    sdata = read_visium(scanpy_visium)
+    calls = crash_on_second_element(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         hest_zarr.write(sdata, tmp_path / "s.zarr")
     assert calls == ["he", "spots"]  # the crash hits the second element
@@ -214,17 +220,10 @@ def test_s3_write_interrupted_midway_is_not_accepted(
 
     # 1. crash while writing the elements: nothing reaches the bucket
     original = store._write_element
-    calls = []
-
-    def fail_after_first(*args, **kwargs):
-        calls.append(args[3])
-        if len(calls) > 1:
-            raise RuntimeError("simulated crash")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(store, "_write_element", fail_after_first)
-    with pytest.raises(RuntimeError):
+    calls = crash_on_second_element(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
         hest_zarr.write(sdata, url, storage_options=s3_server.storage_options)
+    assert calls == ["he", "spots"]
     with pytest.raises(StoreNotFoundError):
         hest_zarr.open(url, storage_options=s3_server.storage_options)
     monkeypatch.setattr(store, "_write_element", original)

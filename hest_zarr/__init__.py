@@ -10,6 +10,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 from hest_zarr import codecs as codecs  # registers the JPEG codec with zarr on import
-from hest_zarr.store import get_record, info, open, set_record, validate, write  # noqa: A004
+from hest_zarr.store import add_elements, get_record, info, open, set_record, validate, write  # noqa: A004
 
-__all__ = ["__version__", "get_record", "info", "open", "set_record", "validate", "write"]
+__all__ = ["__version__", "add_elements", "get_record", "info", "open", "set_record", "validate", "write"]

@@ -22,7 +22,8 @@ import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,13 @@ from hest_zarr.errors import (
 from hest_zarr.schemas import (
     REQUIRED_COORDINATE_SYSTEMS,
     SUPPORTED_SCHEMA_VERSIONS,
+    ElementRecord,
+    Provenance,
+    SampleMetadata,
     StoreRecord,
     annotated_region,
     expected_kind,
+    magnification_from_pixel_size,
 )
 
 StorageOptions = dict[str, Any] | None
@@ -430,6 +435,135 @@ def _upload(staging: Path, location: _Location, *, replace: bool) -> None:
     if files:
         fs.put([str(p) for p in files], [location.join(*p.relative_to(staging).parts) for p in files])
     fs.put_file(str(staging / ROOT_METADATA), location.join(ROOT_METADATA))
+
+
+def add_elements(
+    url: str | Path,
+    elements: Mapping[str, Any],
+    provenance: Mapping[str, Provenance],
+    *,
+    metadata_updates: Mapping[str, Any] | None = None,
+    pixel_size_um: float | None = None,
+    replace: bool = False,
+    image_codec: ImageCodec = "zstd",
+    storage_options: StorageOptions = None,
+) -> str:
+    """Add elements to an existing store (or replace some), and update its record.
+
+    Operators write their results with this: tissue polygons, new spot positions, pooled tables,
+    embeddings. Everything is staged first; then each element is moved in (local) or uploaded (remote),
+    and the root record, with the new provenance and metadata, is written last and the metadata
+    re-consolidated.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of an existing store.
+    elements
+        Element name -> spatialdata element (parsed by its model, transformations set). May be empty to
+        update only the metadata.
+    provenance
+        Element name -> where it came from; one entry for every element.
+    metadata_updates
+        :class:`~hest_zarr.schemas.SampleMetadata` fields to set (e.g. ``pixel_size_um_estimated``).
+    pixel_size_um
+        New scale from ``global`` to ``um`` for the record (keep the old one when ``None``).
+    replace
+        Replace elements of the same name; without it an existing name is an error.
+    image_codec
+        Codec of new image or label elements.
+    storage_options
+        fsspec options for a remote URL.
+
+    Returns
+    -------
+    The URL of the store.
+
+    Examples
+    --------
+    >>> add_elements(  # doctest: +SKIP
+    ...     "sample.zarr", {"tissue": polygons}, {"tissue": Provenance(converter="ops.tissue", method="threshold")}
+    ... )
+
+    """
+    location = _locate(url, storage_options)
+    attributes = _read_root_attributes(location)
+    record = StoreRecord.model_validate(attributes[Keys.ROOT_ATTRS])
+    missing = sorted(set(elements) - set(provenance))
+    if missing:
+        raise HestZarrError(f"elements {missing} have no provenance; pass a Provenance for each")
+    with warnings.catch_warnings():  # a table may annotate shapes the store already holds
+        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+        new = SpatialData.init_from_elements(dict(elements)) if elements else SpatialData()
+    kinds = {name: kind for kind, name, _ in new.gen_elements()}
+    for name, kind in kinds.items():
+        wanted = expected_kind(name)
+        if wanted != kind:
+            raise HestZarrError(f"{location.url}: '{name}' must be {wanted or 'a layout name'}, got {kind}")
+        if name in record.elements and not replace:
+            raise HestZarrError(f"{location.url}: already holds '{name}' (pass replace=True to replace it)")
+        if name in record.elements and record.elements[name].kind != kind:
+            raise HestZarrError(f"{location.url}: '{name}' is {record.elements[name].kind}, cannot replace by {kind}")
+    updated = record.model_copy(deep=True)
+    for name, kind in kinds.items():
+        updated.elements[name] = ElementRecord(kind=kind, provenance=provenance[name])
+    if metadata_updates:
+        metadata = {**record.metadata.model_dump(exclude_none=True), **metadata_updates}
+        estimated = metadata_updates.get("pixel_size_um_estimated")
+        if estimated is not None and "magnification" not in metadata_updates:
+            metadata["magnification"] = magnification_from_pixel_size(estimated)
+        try:
+            updated.metadata = SampleMetadata.model_validate(metadata)
+        except ValidationError as err:
+            raise HestZarrError(f"{location.url}: invalid metadata update {dict(metadata_updates)}: {err}") from err
+    if pixel_size_um is not None:
+        updated.pixel_size_um = pixel_size_um
+    updated = StoreRecord.model_validate(updated.model_dump())
+    set_record(new, updated)
+
+    moves = [(kind, name) for name, kind in kinds.items()]
+    if location.is_local:
+        target = Path(location.path)
+        staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            _write_staged(
+                new,
+                staging,
+                image_codec=image_codec,
+                jpeg_quality=DEFAULT_JPEG_QUALITY,
+                chunk_size=_raster.DEFAULT_CHUNK_SIZE,
+            )
+            for kind, name in moves:
+                (target / kind).mkdir(exist_ok=True)
+                if not (target / kind / ROOT_METADATA).exists():
+                    shutil.copy(staging / kind / ROOT_METADATA, target / kind / ROOT_METADATA)
+                _replace_local(staging / kind / name, target / kind / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hest-zarr-") as tmp:
+            staging = Path(tmp) / "store.zarr"
+            _write_staged(
+                new,
+                staging,
+                image_codec=image_codec,
+                jpeg_quality=DEFAULT_JPEG_QUALITY,
+                chunk_size=_raster.DEFAULT_CHUNK_SIZE,
+            )
+            with _network_errors(location.url):
+                for kind, name in moves:
+                    destination = location.join(kind, name)
+                    if location.fs.exists(destination):
+                        location.fs.rm(destination, recursive=True)
+                    files = sorted(p for p in (staging / kind).rglob("*") if p.is_file())
+                    location.fs.put(
+                        [str(p) for p in files], [location.join(*p.relative_to(staging).parts) for p in files]
+                    )
+    with _network_errors(location.url):
+        root = _open_zarr_group(location, mode="r+")
+        root.attrs[Keys.ROOT_ATTRS] = updated.model_dump(mode="json")
+        zarr.consolidate_metadata(root.store)
+    return location.url
 
 
 # --------------------------------------------------------------------------------------------- validate / info

@@ -349,3 +349,63 @@ def test_points_round_trip_through_s3_keep_every_transcript(s3_server, s3_bucket
     np.testing.assert_array_equal(remote["x"].to_numpy(), transcripts["x_location"].to_numpy())
     assert (remote["feature_name"].astype(str).to_numpy() == transcripts["feature_name"].astype(str).to_numpy()).all()
     assert hest_zarr.validate(url, storage_options=s3_server.storage_options) == []
+
+
+# ------------------------------------------------------------------------------------------ adding elements
+def tissue_box(sdata: SpatialData) -> SpatialData:
+    """A one-polygon ``tissue`` element in the frame of the sample's spots (test geometry, not a segmentation)."""
+    import geopandas
+    from shapely import box
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    transformations = get_transformation(sdata["spots"], get_all=True)
+    return ShapesModel.parse(geopandas.GeoDataFrame(geometry=[box(0, 0, 100, 50)]), transformations=transformations)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_add_elements_adds_replaces_and_updates_the_record(
+    remote: bool, tmp_path: Path, scanpy_visium: Path, request: pytest.FixtureRequest
+) -> None:
+    sdata = read_visium(scanpy_visium)
+    options = None
+    url: str | Path = tmp_path / "s.zarr"
+    if remote:
+        s3_server = request.getfixturevalue("s3_server")
+        url, options = f"{request.getfixturevalue('s3_bucket')}/s.zarr", s3_server.storage_options
+    hest_zarr.write(sdata, url, storage_options=options)
+    tissue = tissue_box(sdata)
+    made = Provenance(converter="test", method="box")
+    update = {"pixel_size_um_estimated": 3.0}
+    store.add_elements(url, {"tissue": tissue}, {"tissue": made}, metadata_updates=update, storage_options=options)
+    reopened = hest_zarr.open(url, storage_options=options)
+    assert reopened["tissue"].geometry[0].bounds == (0.0, 0.0, 100.0, 50.0)
+    record = hest_zarr.get_record(reopened)
+    assert record.elements["tissue"].provenance.method == "box"
+    assert record.metadata.pixel_size_um_estimated == 3.0
+    assert record.metadata.id == hest_zarr.get_record(sdata).metadata.id  # the other fields are kept
+    assert hest_zarr.validate(url, storage_options=options) == []
+
+    with pytest.raises(hest_zarr.errors.HestZarrError, match="already holds 'tissue'"):
+        store.add_elements(url, {"tissue": tissue}, {"tissue": made}, storage_options=options)
+    table = reopened["spot_expression"]
+    table.obs["in_tissue"] = 0
+    store.add_elements(
+        url, {"spot_expression": table}, {"spot_expression": made}, replace=True, storage_options=options
+    )
+    again = hest_zarr.open(url, storage_options=options)
+    assert (again["spot_expression"].obs["in_tissue"] == 0).all()
+    assert (again["spot_expression"].X != sdata["spot_expression"].X).nnz == 0
+    assert hest_zarr.validate(url, storage_options=options) == []
+
+
+def test_add_elements_refuses_unknown_names_and_missing_provenance(tmp_path: Path, scanpy_visium: Path) -> None:
+    sdata = read_visium(scanpy_visium)
+    url = hest_zarr.write(sdata, tmp_path / "s.zarr")
+    tissue = tissue_box(sdata)
+    with pytest.raises(hest_zarr.errors.HestZarrError, match="no provenance"):
+        store.add_elements(url, {"tissue": tissue}, {})
+    with pytest.raises(hest_zarr.errors.HestZarrError, match="'mystery' must be a layout name"):
+        store.add_elements(url, {"mystery": tissue}, {"mystery": Provenance(converter="test")})
+    assert "tissue" not in hest_zarr.open(url).shapes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

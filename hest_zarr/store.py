@@ -216,13 +216,25 @@ def open(url: str | Path, storage_options: StorageOptions = None) -> SpatialData
         raise  # pragma: no cover  (unreachable: the context manager re-raises)
 
 
-def _open_zarr_group(location: _Location, mode: str = "r") -> zarr.Group:
+def _chunk_read_options(location: _Location) -> dict[str, Any]:
+    """Fsspec options for reading many small objects (chunks) of a store."""
     options = dict(location.storage_options)
     if "s3" in _protocols(location.fs):
         # s3fs sends a HEAD before every whole-object GET when it may split large objects into
         # concurrent ranges; chunks are small and fetched concurrently already, so that HEAD only
         # doubles the requests (and the latency) of every chunk read.
         options.setdefault("max_concurrency", 1)
+    return options
+
+
+def chunk_location(url: str | Path, storage_options: StorageOptions = None) -> _Location:
+    """Locate a store with the filesystem options suited to fetching its chunks one by one."""
+    location = _locate(url, storage_options)
+    return _locate(url, _chunk_read_options(location)) if not location.is_local else location
+
+
+def _open_zarr_group(location: _Location, mode: str = "r") -> zarr.Group:
+    options = _chunk_read_options(location)
     store = zarr.storage.FsspecStore.from_url(location.url, storage_options=options or None, read_only=(mode == "r"))
     return zarr.open_group(store, mode=mode, zarr_format=3)
 

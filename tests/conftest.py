@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -51,9 +52,12 @@ class S3Server:
         self.requests.clear()
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """Start moto's S3 HTTP API on 127.0.0.1 (a real HTTP server, as s3fs's own tests do), stop it after."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[S3Server]:
+    """Run moto's S3 HTTP API on a free 127.0.0.1 port (a real HTTP server, as s3fs's own tests do).
+
+    Every server shares moto's in-process backend, so a second server sees the buckets of the first.
+    """
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
@@ -78,7 +82,15 @@ def s3_server() -> Iterator[S3Server]:
         yield server_state
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the whole session, stopped after."""
+    with moto_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,0 +1,144 @@
+"""Fetch and decode the chunks of one image level, concurrently, from local disk or object storage.
+
+Patching reads thousands of chunks; going through zarr's array API costs an event-loop round trip and
+a copy per chunk (about 35% of the decode rate here). This module reads the chunk objects directly and
+decodes the two codec chains our stores write (``bytes + zstd``; ``transpose + imagecodecs_jpeg``) with
+one C call each, both of which release the GIL, so a thread pool scales with the cores (and, remotely,
+hides the object-store latency). Any other array (sharded, other codecs, other key encodings) is read
+through zarr's own ``get_block_selection``: same result, slower.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import imagecodecs
+import numpy as np
+import zarr
+
+from hest_zarr.errors import CorruptStoreError, RemoteUnreachableError
+from hest_zarr.store import _Location
+
+ChunkKey = tuple[int, int]  # (chunk row, chunk column) of a (c, y, x) array whose c axis is one chunk
+
+
+@dataclass(frozen=True)
+class LevelArray:
+    """One pyramid level: its zarr array and where its chunk objects live."""
+
+    array: zarr.Array
+    location: _Location
+    path: str  # path of the array inside the store, e.g. "images/he/s0"
+
+    @property
+    def chunk_side(self) -> tuple[int, int]:
+        _, height, width = self.array.chunks
+        return height, width
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.array.shape[1], self.array.shape[2]
+
+
+def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
+    """Return a direct decoder ``bytes -> (y, x, c) uint8`` for the codec chains our stores write, else ``None``."""
+    metadata = array.metadata
+    if getattr(metadata, "zarr_format", None) != 3 or array.dtype != np.uint8 or array.chunks[0] != array.shape[0]:
+        return None
+    encoding = metadata.chunk_key_encoding
+    if type(encoding).__name__ != "DefaultChunkKeyEncoding" or encoding.separator != "/":
+        return None
+    names = [codec.to_dict()["name"] for codec in metadata.codecs]
+    channels, height, width = array.chunks
+    if names == ["bytes", "zstd"]:
+
+        def decode_zstd(data: bytes) -> np.ndarray:
+            planes = np.frombuffer(imagecodecs.zstd_decode(data), dtype=np.uint8).reshape(channels, height, width)
+            return planes.transpose(1, 2, 0)
+
+        return decode_zstd
+    if names == ["transpose", "numcodecs.imagecodecs_jpeg"] and tuple(metadata.codecs[0].order) == (1, 2, 0):
+
+        def decode_jpeg(data: bytes) -> np.ndarray:
+            pixels = imagecodecs.jpeg_decode(data)
+            return pixels[..., None] if pixels.ndim == 2 else pixels
+
+        return decode_jpeg
+    return None
+
+
+class ChunkReader:
+    """Fetch + decode chunks of one level with a thread pool; each chunk is returned as ``(y, x, c)`` uint8.
+
+    Parameters
+    ----------
+    level
+        The level to read.
+    workers
+        Concurrent fetch + decode tasks (local: the number of cores; remote: enough to hide latency).
+    retries
+        Attempts per remote chunk before giving up with :class:`~hest_zarr.errors.RemoteUnreachableError`.
+
+    """
+
+    def __init__(self, level: LevelArray, *, workers: int, retries: int = 3) -> None:
+        self.level = level
+        self.retries = retries
+        self._decode = _decoder(level.array)
+        self._fill = np.full(
+            (*level.chunk_side, level.array.shape[0]), level.array.metadata.fill_value or 0, dtype=level.array.dtype
+        )
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hest-zarr-chunks")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, key: ChunkKey) -> Future[np.ndarray]:
+        return self._pool.submit(self.read, key)
+
+    def object_key(self, key: ChunkKey) -> str:
+        return f"{self.level.path}/c/0/{key[0]}/{key[1]}"
+
+    def read(self, key: ChunkKey) -> np.ndarray:
+        """Fetch and decode one chunk (the fill value when the chunk object does not exist)."""
+        if self._decode is None:
+            height, width = self.level.chunk_side
+            block = self.level.array[:, key[0] * height : (key[0] + 1) * height, key[1] * width : (key[1] + 1) * width]
+            padded = self._fill.copy()
+            padded[: block.shape[1], : block.shape[2]] = block.transpose(1, 2, 0)
+            return padded
+        data = self._fetch(key)
+        if data is None:
+            return self._fill
+        try:
+            return self._decode(data)
+        except Exception as err:
+            where = f"{self.level.location.url}: chunk {self.object_key(key)}"
+            raise CorruptStoreError(f"{where} cannot be decoded ({type(err).__name__}: {err})") from err
+
+    def _fetch(self, key: ChunkKey) -> bytes | None:
+        location = self.level.location
+        path = location.join(*self.object_key(key).split("/"))
+        if location.is_local:
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except FileNotFoundError:
+                return None
+        for attempt in range(self.retries):
+            try:
+                return location.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+            except Exception as err:
+                if attempt + 1 == self.retries:
+                    raise RemoteUnreachableError(
+                        f"{location.url}: chunk {self.object_key(key)} could not be fetched after {self.retries} "
+                        f"attempts ({type(err).__name__}: {err})"
+                    ) from err
+                time.sleep(0.2 * 2**attempt)
+        return None  # pragma: no cover  (the loop returns or raises)

@@ -1,0 +1,699 @@
+"""Patches around spots (or any shapes/points element, or a grid over the tissue), read chunk by chunk.
+
+How a patch is made (the documented resampling):
+
+1. The target is ``size_px`` pixels at ``pixel_size_um`` (default 224 px at 0.5 um/px = 112 um, as in
+   HEST-Benchmark). The pyramid level used is the coarsest whose pixels are not larger than the target's
+   (level ``k`` has ``level_scale = 2**k`` level-0 pixels per pixel).
+2. At that level the patch is the square window of ``window = round(size_px * pixel_size_um / level
+   pixel size)`` pixels whose top-left corner is ``round(centre_k - window / 2)``, with ``centre_k`` the
+   centre in that level's pixel coordinates (pixel centres at integers). Parts outside the image are
+   filled with ``pad_value`` (white by default, like slide background).
+3. When ``window != size_px`` the window is resized to ``size_px`` with OpenCV's area interpolation
+   (``INTER_AREA``) when shrinking, bilinear when enlarging. When the target is finer than the slide's
+   pixels, level 0 is enlarged with a warning (``allow_upsample=False`` refuses instead).
+
+``coords`` are the patch's top-left corner in level-0 pixels of the image, as in HEST's patch files.
+
+How it is read: patches are sorted by the chunk row their window starts in; each band of patches needs
+a set of chunks that are fetched and decoded exactly once, concurrently (``_chunks.ChunkReader``), while
+the previous band is being cut; a chunk is dropped as soon as no later band needs it, so memory stays at
+about two chunk rows of the touched chunks whatever the slide size. No dask graph is built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+
+import hest_zarr
+from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr.errors import HestZarrError, InputError
+from hest_zarr.ops._chunks import ChunkKey, ChunkReader, LevelArray
+from hest_zarr.store import StorageOptions, _locate, _network_errors, _open_zarr_group, chunk_location, get_record
+
+DEFAULT_SIZE_PX = 224
+DEFAULT_PIXEL_SIZE_UM = 0.5
+GRID = "grid"
+#: Remote fetches in flight per reader (latency hiding); local reads use one task per core.
+REMOTE_WORKERS = 32
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Where every patch of a sample is read: the level, the window side, the top-left of each window.
+
+    Attributes
+    ----------
+    ids
+        Patch ids (spot ids, or ``r<row>_c<col>`` for grid patches).
+    centers
+        Patch centres in level-0 pixels of the image, ``(x, y)``.
+    level
+        Pyramid level read.
+    level_scale
+        Level-0 pixels per pixel of that level.
+    level_pixel_size_um
+        Micrometres per pixel of that level.
+    window
+        Side of the window read at that level, in its pixels.
+    origins
+        Top-left corner ``(x, y)`` of every window, in pixels of that level.
+    size_px, pixel_size_um
+        The target: side in pixels and micrometres per pixel of the returned patches.
+
+    """
+
+    ids: np.ndarray
+    centers: np.ndarray
+    level: int
+    level_scale: float
+    level_pixel_size_um: float
+    window: int
+    origins: np.ndarray
+    size_px: int
+    pixel_size_um: float
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """Top-left corner ``(x, y)`` of every patch in level-0 pixels (int64)."""
+        return np.round(self.origins * self.level_scale).astype(np.int64)
+
+    def subset(self, indices: np.ndarray) -> PatchPlan:
+        """Return the plan of some of the patches."""
+        return PatchPlan(
+            self.ids[indices],
+            self.centers[indices],
+            self.level,
+            self.level_scale,
+            self.level_pixel_size_um,
+            self.window,
+            self.origins[indices],
+            self.size_px,
+            self.pixel_size_um,
+        )
+
+
+@dataclass
+class PatchBatch:
+    """Patches cut together: positions in the plan, ids, top-left level-0 coords and ``(n, H, W, 3)`` pixels."""
+
+    indices: np.ndarray
+    ids: np.ndarray
+    coords: np.ndarray
+    images: np.ndarray = field(repr=False)
+
+
+# --------------------------------------------------------------------------------------------- planning
+def _affine_xy(element: Any, system: str) -> np.ndarray:
+    return get_transformation(element, to_coordinate_system=system).to_affine_matrix(
+        input_axes=("x", "y"), output_axes=("x", "y")
+    )
+
+
+def _image_levels(sdata: SpatialData, image: str) -> list[tuple[int, int]]:
+    element = sdata[image]
+    if hasattr(element, "children") and element.children:
+        names = sorted(element.children, key=lambda name: int(name.removeprefix("scale")))
+        shapes = [element[name]["image"].shape for name in names]
+    else:
+        shapes = [element.shape]
+    return [(int(shape[-2]), int(shape[-1])) for shape in shapes]
+
+
+def _element_centres(sdata: SpatialData, element: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Centres of a shapes or points element in its own coordinates, with its ids and the element."""
+    if element in sdata.shapes:
+        shapes = sdata.shapes[element]
+        centroids = shapes.geometry.centroid
+        return np.asarray(shapes.index.astype(str)), np.column_stack([centroids.x, centroids.y]), shapes
+    if element in sdata.points:
+        points = sdata.points[element]
+        frame = points[["x", "y"]].compute()
+        return np.asarray(frame.index.astype(str)), frame.to_numpy(dtype=float), points
+    raise InputError(f"no shapes or points element '{element}' in the store (it holds {sorted(sdata.shapes)})")
+
+
+def _grid_centres(sdata: SpatialData, image_shape: tuple[int, int], side_px: float, image_affine: np.ndarray):
+    """Centres of non-overlapping patches tiling the tissue (or the whole image without a ``tissue`` element)."""
+    height, width = image_shape
+    columns = np.arange(side_px / 2, width, side_px)
+    rows = np.arange(side_px / 2, height, side_px)
+    grid_x, grid_y = np.meshgrid(columns, rows)
+    row_index, col_index = np.meshgrid(np.arange(len(rows)), np.arange(len(columns)), indexing="ij")
+    centres = np.column_stack([grid_x.ravel(), grid_y.ravel()])
+    ids = np.array([f"r{r}_c{c}" for r, c in zip(row_index.ravel(), col_index.ravel(), strict=True)])
+    if Elements.TISSUE in sdata.shapes:
+        import shapely
+
+        tissue = sdata.shapes[Elements.TISSUE]
+        to_image = np.linalg.inv(image_affine) @ _affine_xy(tissue, CoordinateSystems.GLOBAL)
+        union = shapely.union_all(tissue.geometry.values)
+        to_tissue = np.linalg.inv(to_image)
+        inside = np.zeros(len(centres), dtype=bool)
+        # a tile is kept when its centre or any corner lies on tissue
+        for offset in ((0, 0), (-1, -1), (-1, 1), (1, -1), (1, 1)):
+            points = centres + np.asarray(offset) * side_px / 2
+            tissue_xy = (to_tissue @ np.column_stack([points, np.ones(len(points))]).T).T
+            inside |= shapely.contains_xy(union, tissue_xy[:, 0], tissue_xy[:, 1])
+        centres, ids = centres[inside], ids[inside]
+    return ids, centres
+
+
+def plan_patches(
+    sdata: SpatialData,
+    *,
+    element: str = Elements.SPOTS,
+    image: str = Elements.HE,
+    size_px: int = DEFAULT_SIZE_PX,
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+    in_tissue_only: bool = False,
+    allow_upsample: bool = True,
+) -> PatchPlan:
+    """Decide the level and window of every patch.
+
+    Parameters
+    ----------
+    sdata
+        An opened sample store (:func:`hest_zarr.open`).
+    element
+        Shapes or points element whose centres are the patch centres, or ``"grid"`` for non-overlapping
+        patches tiling the ``tissue`` polygons (the whole image when the store has none).
+    image
+        Image element to cut.
+    size_px, pixel_size_um
+        Target side in pixels and micrometres per pixel.
+    in_tissue_only
+        Keep only spots flagged ``in_tissue`` in the expression table annotating them.
+    allow_upsample
+        When the target is finer than the image's pixels: enlarge level 0 (with a warning) or refuse.
+
+    Examples
+    --------
+    >>> sdata = hest_zarr.open("sample.zarr")  # doctest: +SKIP
+    >>> plan = plan_patches(sdata, size_px=224, pixel_size_um=0.5)  # doctest: +SKIP
+    >>> plan.level, plan.window  # doctest: +SKIP
+    (0, 224)
+
+    """
+    if size_px < 1 or pixel_size_um <= 0:
+        raise InputError(f"size_px must be >= 1 and pixel_size_um > 0, got {size_px} and {pixel_size_um}")
+    if image not in sdata.images:
+        raise InputError(f"the store holds no image '{image}' to cut patches from (images: {sorted(sdata.images)})")
+    record = get_record(sdata)
+    if record.pixel_size_um is None:
+        raise InputError("the store records no pixel size, so a target in micrometres per pixel cannot be met")
+    image_affine = _affine_xy(sdata[image], CoordinateSystems.GLOBAL)
+    level0_um = record.pixel_size_um * float(np.sqrt(abs(np.linalg.det(image_affine[:2, :2]))))
+    shapes = _image_levels(sdata, image)
+    height, width = shapes[0]
+    scales = [width / shape[1] for shape in shapes]
+    scales = [2.0**k if abs(scale - 2.0**k) / 2.0**k < 0.01 else scale for k, scale in enumerate(scales)]
+
+    if element == GRID:
+        ids, centres = _grid_centres(sdata, (height, width), size_px * pixel_size_um / level0_um, image_affine)
+    else:
+        ids, own_xy, source = _element_centres(sdata, element)
+        to_image = np.linalg.inv(image_affine) @ _affine_xy(source, CoordinateSystems.GLOBAL)
+        centres = (to_image @ np.column_stack([own_xy, np.ones(len(own_xy))]).T).T[:, :2]
+        if in_tissue_only:
+            keep = _in_tissue(sdata, element, ids)
+            ids, centres = ids[keep], centres[keep]
+    outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= width) | (centres[:, 1] >= height)
+    if outside.any():
+        warnings.warn(
+            f"{int(outside.sum())} of {len(ids)} patch centres of '{element}' lie outside the image "
+            f"'{image}' ({width} x {height} px); they are skipped (e.g. {ids[outside][0]!r})",
+            stacklevel=2,
+        )
+        ids, centres = ids[~outside], centres[~outside]
+    if len(ids) == 0:
+        raise InputError(f"no patch to cut: '{element}' has no centre inside the image '{image}'")
+
+    level = max((k for k, scale in enumerate(scales) if level0_um * scale <= pixel_size_um * (1 + 1e-6)), default=0)
+    level_um = level0_um * scales[level]
+    if level_um > pixel_size_um * (1 + 1e-6):
+        message = (
+            f"the target {pixel_size_um} um/px is finer than the image's {level0_um:.4g} um/px: "
+            f"patches are enlarged {level_um / pixel_size_um:.2f}x from level 0"
+        )
+        if not allow_upsample:
+            raise InputError(message + " (refused: allow_upsample=False)")
+        warnings.warn(message, stacklevel=2)
+    window = max(1, round(size_px * pixel_size_um / level_um))
+    centres_k = (centres + 0.5) / scales[level] - 0.5
+    origins = np.floor(centres_k - window / 2 + 0.5).astype(np.int64)
+    return PatchPlan(ids, centres, level, scales[level], level_um, window, origins, size_px, pixel_size_um)
+
+
+def _in_tissue(sdata: SpatialData, element: str, ids: np.ndarray) -> np.ndarray:
+    for table in sdata.tables.values():
+        attrs = table.uns.get("spatialdata_attrs", {})
+        if attrs.get("region") == element and Keys.IN_TISSUE in table.obs:
+            flags = table.obs.set_index(attrs["instance_key"])[Keys.IN_TISSUE].astype(bool)
+            return flags.reindex(ids).fillna(False).to_numpy(dtype=bool)
+    raise InputError(f"in_tissue_only: no table annotating '{element}' has an '{Keys.IN_TISSUE}' column")
+
+
+# --------------------------------------------------------------------------------------------- reading
+def open_levels(url: str | Path, image: str = Elements.HE, storage_options: StorageOptions = None) -> list[LevelArray]:
+    """Return the zarr arrays of every level of an image element, with where their chunks live."""
+    location = chunk_location(url, storage_options)
+    with _network_errors(location.url):
+        root = _open_zarr_group(location) if not location.is_local else zarr.open_group(location.path, mode="r")
+        if "images" not in root or image not in root["images"]:
+            raise InputError(f"{location.url}: the store holds no image '{image}'")
+        group = root["images"][image]
+        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+        return [
+            LevelArray(group[dataset["path"]], location, f"images/{image}/{dataset['path']}") for dataset in datasets
+        ]
+
+
+def _window_chunks(origin: np.ndarray, window: int, chunk: tuple[int, int], shape: tuple[int, int]) -> list[ChunkKey]:
+    x0, y0 = int(origin[0]), int(origin[1])
+    height, width = shape
+    rows = range(max(y0, 0) // chunk[0], (min(y0 + window, height) - 1) // chunk[0] + 1)
+    columns = range(max(x0, 0) // chunk[1], (min(x0 + window, width) - 1) // chunk[1] + 1)
+    return [(row, column) for row in rows for column in columns]
+
+
+def _cut(
+    origin: np.ndarray,
+    window: int,
+    chunks: dict[ChunkKey, np.ndarray],
+    chunk: tuple[int, int],
+    shape: tuple[int, int],
+    pad_value: int,
+) -> np.ndarray:
+    x0, y0 = int(origin[0]), int(origin[1])
+    channels = next(iter(chunks.values())).shape[2]
+    out = np.full((window, window, channels), pad_value, dtype=np.uint8)
+    height, width = shape
+    for row, column in _window_chunks(origin, window, chunk, shape):
+        top, left = row * chunk[0], column * chunk[1]
+        ya, yb = max(y0, top), min(y0 + window, top + chunk[0], height)
+        xa, xb = max(x0, left), min(x0 + window, left + chunk[1], width)
+        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = chunks[(row, column)][ya - top : yb - top, xa - left : xb - left]
+    return out
+
+
+def _resize(window: np.ndarray, size_px: int) -> np.ndarray:
+    if window.shape[0] == size_px:
+        return window
+    import cv2
+
+    interpolation = cv2.INTER_AREA if window.shape[0] > size_px else cv2.INTER_LINEAR
+    return cv2.resize(window, (size_px, size_px), interpolation=interpolation)
+
+
+def read_patches(
+    plan: PatchPlan,
+    reader: ChunkReader,
+    *,
+    batch_size: int = 256,
+    pad_value: int = 255,
+    prefetch_bands: int = 2,
+) -> Iterator[PatchBatch]:
+    """Cut the plan's patches band by band, each chunk fetched and decoded once; yields batches.
+
+    Batches come in band order (top to bottom, left to right), not in the plan's order: use
+    ``batch.indices`` to place them.
+    """
+    level = reader.level
+    chunk, shape = level.chunk_side, level.shape
+    start_rows = np.clip(plan.origins[:, 1], 0, shape[0] - 1) // chunk[0]
+    order = np.lexsort((plan.origins[:, 0], start_rows))
+    bands = [order[start_rows[order] == row] for row in np.unique(start_rows)]
+    band_chunks = [
+        sorted({key for index in band for key in _window_chunks(plan.origins[index], plan.window, chunk, shape)})
+        for band in bands
+    ]
+    pending: dict[ChunkKey, Future[np.ndarray]] = {}
+    decoded: dict[ChunkKey, np.ndarray] = {}
+    try:
+        for number, band in enumerate(bands):
+            for ahead in band_chunks[number : number + 1 + prefetch_bands]:
+                for key in ahead:
+                    if key not in decoded and key not in pending:
+                        pending[key] = reader.submit(key)
+            for key in band_chunks[number]:
+                if key not in decoded:
+                    decoded[key] = pending.pop(key).result()
+            for offset in range(0, len(band), batch_size):
+                indices = band[offset : offset + batch_size]
+                images = np.stack(
+                    [
+                        _resize(_cut(plan.origins[i], plan.window, decoded, chunk, shape, pad_value), plan.size_px)
+                        for i in indices
+                    ]
+                )
+                yield PatchBatch(indices, plan.ids[indices], plan.coords[indices], images)
+            if number + 1 < len(bands):
+                next_row = min(key[0] for key in band_chunks[number + 1])
+                for key in [key for key in decoded if key[0] < next_row]:
+                    del decoded[key]
+    finally:
+        for future in pending.values():
+            future.cancel()
+
+
+def default_workers(url: str | Path, storage_options: StorageOptions = None) -> int:
+    """Concurrent chunk reads: one per core locally, :data:`REMOTE_WORKERS` for object storage."""
+    return (os.cpu_count() or 1) if _locate(url, storage_options).is_local else REMOTE_WORKERS
+
+
+def extract_patches(
+    url: str | Path,
+    *,
+    element: str = Elements.SPOTS,
+    image: str = Elements.HE,
+    size_px: int = DEFAULT_SIZE_PX,
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+    in_tissue_only: bool = False,
+    allow_upsample: bool = True,
+    batch_size: int = 256,
+    pad_value: int = 255,
+    workers: int | None = None,
+    storage_options: StorageOptions = None,
+) -> tuple[PatchPlan, Iterator[PatchBatch]]:
+    """Plan the patches of a store and return the plan with an iterator over the cut batches.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of a sample store.
+    element, image, size_px, pixel_size_um, in_tissue_only, allow_upsample
+        See :func:`plan_patches`.
+    batch_size
+        Patches per yielded batch.
+    pad_value
+        Fill of the parts of a patch outside the image.
+    workers
+        Concurrent chunk reads (default :func:`default_workers`).
+    storage_options
+        fsspec options for a remote URL.
+
+    Examples
+    --------
+    >>> plan, batches = extract_patches("s3://bucket/TENX95.zarr", storage_options={"anon": True})  # doctest: +SKIP
+    >>> for batch in batches:  # doctest: +SKIP
+    ...     batch.images.shape  # (n, 224, 224, 3)
+
+    """
+    sdata = hest_zarr.open(url, storage_options)
+    plan = plan_patches(
+        sdata,
+        element=element,
+        image=image,
+        size_px=size_px,
+        pixel_size_um=pixel_size_um,
+        in_tissue_only=in_tissue_only,
+        allow_upsample=allow_upsample,
+    )
+    levels = open_levels(url, image, storage_options)
+    reader = ChunkReader(levels[plan.level], workers=workers or default_workers(url, storage_options))
+
+    def batches() -> Iterator[PatchBatch]:
+        try:
+            yield from read_patches(plan, reader, batch_size=batch_size, pad_value=pad_value)
+        finally:
+            reader.close()
+
+    return plan, batches()
+
+
+# --------------------------------------------------------------------------------------------- patch stores
+PatchCodec = Literal["zstd", "jpeg"]
+
+
+def write_patches(
+    url: str | Path,
+    out: str | Path,
+    *,
+    element: str = Elements.SPOTS,
+    image: str = Elements.HE,
+    size_px: int = DEFAULT_SIZE_PX,
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+    in_tissue_only: bool = False,
+    codec: PatchCodec = "zstd",
+    overwrite: bool = False,
+    workers: int | None = None,
+    storage_options: StorageOptions = None,
+    out_storage_options: StorageOptions = None,
+    progress: bool = True,
+) -> str:
+    """Cut every patch of a sample and write them to a patch store (zarr), atomically.
+
+    The patch store holds ``img`` (N x H x W x 3 uint8, one patch per chunk), ``barcode`` (the ids) and
+    ``coords`` (top-left, level-0 pixels, ``x, y``), in band order; its attributes record the level, the
+    pixel sizes, the source store and element. :func:`export_hest_h5` turns it into HEST's ``.h5`` layout.
+
+    Examples
+    --------
+    >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP
+
+    """
+    target = _locate(out, out_storage_options)
+    with _network_errors(target.url):
+        exists = target.fs.exists(target.path)
+    if exists and not overwrite:
+        raise HestZarrError(f"{target.url}: already exists (pass overwrite=True to replace it)")
+    plan, batches = extract_patches(
+        url,
+        element=element,
+        image=image,
+        size_px=size_px,
+        pixel_size_um=pixel_size_um,
+        in_tissue_only=in_tissue_only,
+        workers=workers,
+        storage_options=storage_options,
+    )
+    attributes = {
+        "source": str(url),
+        "element": element,
+        "image": image,
+        "size_px": size_px,
+        "pixel_size_um": pixel_size_um,
+        "level": plan.level,
+        "level_pixel_size_um": plan.level_pixel_size_um,
+        "window_px_at_level": plan.window,
+        "resampling": "none" if plan.window == size_px else ("area" if plan.window > size_px else "bilinear"),
+        "coords": "top-left corner (x, y) in level-0 pixels of the image",
+        "hest_zarr_version": hest_zarr.__version__,
+    }
+    return _commit_patch_store(
+        target, exists, len(plan), size_px, ((b.ids, b.coords, b.images) for b in batches), codec, attributes, progress
+    )
+
+
+def _commit_patch_store(
+    target: Any,
+    exists: bool,
+    n: int,
+    size_px: int,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    codec: PatchCodec,
+    attributes: dict[str, Any],
+    progress: bool,
+) -> str:
+    """Write the patch group in a staging place, then move it in (local) or upload it, root metadata last."""
+    with tempfile.TemporaryDirectory(prefix="hest-zarr-patches-") as tmp:
+        local = target.is_local
+        staging = (
+            Path(target.path).parent / f".{Path(target.path).name}.{uuid.uuid4().hex[:8]}.partial"
+            if local
+            else Path(tmp) / "patches.zarr"
+        )
+        try:
+            _write_patch_group(staging, n, size_px, batches, codec, attributes, progress)
+            if local:
+                if exists:
+                    shutil.rmtree(target.path)
+                staging.rename(target.path)
+            else:
+                with _network_errors(target.url):
+                    if exists:
+                        target.fs.rm(target.path, recursive=True)
+                    files = sorted(p for p in staging.rglob("*") if p.is_file() and p != staging / "zarr.json")
+                    target.fs.put([str(p) for p in files], [target.join(*p.relative_to(staging).parts) for p in files])
+                    target.fs.put_file(str(staging / "zarr.json"), target.join("zarr.json"))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target.url
+
+
+def _write_patch_group(
+    staging: Path,
+    n: int,
+    size: int,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    codec: PatchCodec,
+    attributes: dict[str, Any],
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    from hest_zarr.codecs import ImagecodecsJpeg
+
+    group = zarr.open_group(str(staging), mode="w", zarr_format=3)
+    if codec == "jpeg":
+        serializer: Any = ImagecodecsJpeg(level=90)
+        compressors: Any = None
+    else:
+        serializer, compressors = "auto", zarr.codecs.ZstdCodec(level=3)
+    images = group.create_array(
+        "img",
+        shape=(n, size, size, 3),
+        chunks=(1, size, size, 3),
+        dtype=np.uint8,
+        serializer=serializer,
+        compressors=compressors,
+        config={"write_empty_chunks": True},
+    )
+    barcodes, coords = [], []
+    written = 0
+    with tqdm(total=n, desc="patches", unit="patch", disable=not progress) as bar:
+        for ids, top_left, pixels in batches:
+            images[written : written + len(ids)] = pixels
+            written += len(ids)
+            barcodes.append(ids)
+            coords.append(top_left)
+            bar.update(len(ids))
+    group.create_array("barcode", data=np.concatenate(barcodes).astype(str))
+    group.create_array("coords", data=np.concatenate(coords).astype(np.int64))
+    group.attrs.update({"hest_zarr_patches": attributes})
+
+
+@dataclass
+class Patches:
+    """A patch store opened lazily: ``img`` is the zarr array, ``barcode``/``coords`` are loaded."""
+
+    img: zarr.Array
+    barcode: np.ndarray
+    coords: np.ndarray
+    attributes: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.barcode)
+
+
+def open_patches(url: str | Path, storage_options: StorageOptions = None) -> Patches:
+    """Open a patch store written by :func:`write_patches`."""
+    location = _locate(url, storage_options)
+    with _network_errors(location.url):
+        if not location.fs.exists(location.join("zarr.json")):
+            raise InputError(f"{location.url}: not a patch store (no zarr.json)")
+        root = zarr.open_group(location.path if location.is_local else _store(location), mode="r")
+        if "hest_zarr_patches" not in root.attrs or "img" not in root:
+            raise InputError(f"{location.url}: a zarr group but not a hest-zarr patch store")
+        return Patches(root["img"], root["barcode"][:], root["coords"][:], dict(root.attrs["hest_zarr_patches"]))
+
+
+def _store(location: Any) -> zarr.storage.FsspecStore:
+    return zarr.storage.FsspecStore.from_url(location.url, storage_options=location.storage_options or None)
+
+
+def export_hest_h5(
+    patches: str | Path | Patches, h5_path: str | Path, *, storage_options: StorageOptions = None
+) -> Path:
+    """Write a patch store in HEST's ``patches/<id>.h5`` layout: ``img`` (N, H, W, 3), ``coords`` (N, 2), ``barcode``.
+
+    ``barcode`` is ``(N, 1)`` bytes as HEST writes it; ``coords`` carry the patch size and level as attributes.
+    """
+    import h5py
+
+    store = patches if isinstance(patches, Patches) else open_patches(patches, storage_options)
+    h5_path = Path(h5_path)
+    partial = h5_path.with_name(f".{h5_path.name}.partial")
+    try:
+        with h5py.File(partial, "w") as h5:
+            images = h5.create_dataset("img", shape=store.img.shape, dtype=np.uint8, chunks=(1, *store.img.shape[1:]))
+            step = 256
+            for start in range(0, len(store), step):
+                images[start : start + step] = store.img[start : start + step]
+            coords = h5.create_dataset("coords", data=store.coords)
+            coords.attrs["patch_size"] = store.attributes["size_px"]
+            coords.attrs["pixel_size_um"] = store.attributes["pixel_size_um"]
+            coords.attrs["patch_level"] = store.attributes["level"]
+            h5.create_dataset("barcode", data=np.asarray(store.barcode, dtype=bytes)[:, None])
+        partial.replace(h5_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return h5_path
+
+
+def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
+    import h5py
+
+    h5_path = Path(h5_path)
+    if not h5_path.is_file():
+        raise InputError(f"{h5_path}: no such patch file")
+    try:
+        with h5py.File(h5_path, "r") as h5:
+            missing = [name for name in ("img", "coords", "barcode") if name not in h5]
+            if missing:
+                raise InputError(f"{h5_path}: not a HEST patch file (missing datasets {missing})")
+            images, coords, barcodes = h5["img"][:], h5["coords"][:], h5["barcode"][:]
+    except OSError as err:
+        raise InputError(f"{h5_path}: cannot be read as HDF5 ({err})") from err
+    barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(barcodes).reshape(-1)])
+    if not (len(images) == len(coords) == len(barcodes)) or images.ndim != 4:
+        raise InputError(
+            f"{h5_path}: img {images.shape}, coords {coords.shape} and barcode {barcodes.shape} do not line up"
+        )
+    return images.astype(np.uint8, copy=False), coords.astype(np.int64), barcodes
+
+
+def import_hest_h5(
+    h5_path: str | Path,
+    out: str | Path,
+    *,
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+    codec: PatchCodec = "zstd",
+    overwrite: bool = False,
+    storage_options: StorageOptions = None,
+) -> str:
+    """Turn a HEST ``patches/<id>.h5`` into a patch store (HEST's patches are 224 px at 0.5 um/px).
+
+    Examples
+    --------
+    >>> import_hest_h5("hest_data/patches/TENX95.h5", "TENX95_patches.zarr")  # doctest: +SKIP
+
+    """
+    images, coords, barcodes = read_hest_h5(h5_path)
+    target = _locate(out, storage_options)
+    with _network_errors(target.url):
+        exists = target.fs.exists(target.path)
+    if exists and not overwrite:
+        raise HestZarrError(f"{target.url}: already exists (pass overwrite=True to replace it)")
+    if images.shape[1] != images.shape[2]:
+        raise InputError(f"{h5_path}: patches are {images.shape[1]} x {images.shape[2]}, expected squares")
+    attributes = {
+        "source": str(h5_path),
+        "element": Elements.SPOTS,
+        "image": Elements.HE,
+        "size_px": int(images.shape[1]),
+        "pixel_size_um": pixel_size_um,
+        "coords": "top-left corner (x, y) in level-0 pixels of the image",
+        "hest_zarr_version": hest_zarr.__version__,
+    }
+    batches = ((barcodes[i : i + 256], coords[i : i + 256], images[i : i + 256]) for i in range(0, len(images), 256))
+    return _commit_patch_store(target, exists, len(images), images.shape[1], batches, codec, attributes, False)

@@ -323,6 +323,18 @@ def _resize(window: np.ndarray, size_px: int) -> np.ndarray:
     return cv2.resize(window, (size_px, size_px), interpolation=interpolation)
 
 
+def plan_bands(plan: PatchPlan, level: LevelArray) -> list[np.ndarray]:
+    """Group the plan's patches by the chunk row their window starts in, top to bottom, each left to right.
+
+    Returns the patch indices of every band. Consecutive bands share one chunk row at most (a window
+    spans two rows when it is smaller than a chunk), so bands are the unit of work to split between readers.
+    """
+    (chunk_height, _), (height, _) = level.chunk_side, level.shape
+    start_rows = np.clip(plan.origins[:, 1], 0, height - 1) // chunk_height
+    order = np.lexsort((plan.origins[:, 0], start_rows))
+    return [order[start_rows[order] == row] for row in np.unique(start_rows)]
+
+
 def read_patches(
     plan: PatchPlan,
     reader: ChunkReader,
@@ -338,9 +350,7 @@ def read_patches(
     """
     level = reader.level
     chunk, shape = level.chunk_side, level.shape
-    start_rows = np.clip(plan.origins[:, 1], 0, shape[0] - 1) // chunk[0]
-    order = np.lexsort((plan.origins[:, 0], start_rows))
-    bands = [order[start_rows[order] == row] for row in np.unique(start_rows)]
+    bands = plan_bands(plan, level)
     band_chunks = [
         sorted({key for index in band for key in _window_chunks(plan.origins[index], plan.window, chunk, shape)})
         for band in bands

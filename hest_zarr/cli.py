@@ -219,6 +219,48 @@ def convert(
 
 
 @app.command()
+def patch(
+    url: Annotated[str, typer.Argument(help="Sample store path or URL.")],
+    output: Annotated[str, typer.Argument(help="Patch store (zarr) to write, path or URL.")],
+    size: Annotated[int, typer.Option(min=1, help="Patch side in pixels.")] = 224,
+    pixel_size: Annotated[float, typer.Option(min=0.0, help="Target micrometres per pixel.")] = 0.5,
+    element: Annotated[str, typer.Option(help="Shapes or points element to centre patches on, or 'grid'.")] = "spots",
+    in_tissue_only: Annotated[bool, typer.Option(help="Only spots flagged in_tissue.")] = False,
+    codec: Annotated[Codec, typer.Option(help="Codec of the patch images.")] = Codec.zstd,
+    h5: Annotated[Path | None, typer.Option(help="Also export HEST's patches .h5 layout here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing patch store.")] = False,
+    storage_options: StorageOptionsOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Cut a patch around every spot (or grid tile) and write them to a patch store."""
+    from hest_zarr.ops.patch import export_hest_h5, open_patches, write_patches
+
+    with _clear_errors():
+        written = write_patches(
+            url,
+            output,
+            element=element,
+            size_px=size,
+            pixel_size_um=pixel_size,
+            in_tissue_only=in_tissue_only,
+            codec=codec.value,
+            overwrite=overwrite,
+            storage_options=_storage_options(storage_options),
+            progress=progress,
+        )
+        patches = open_patches(written)
+        if h5 is not None:
+            export_hest_h5(patches, h5)
+    attributes = patches.attributes
+    console.print(
+        f"wrote {len(patches)} patches of {size} px at {pixel_size} um/px to {written} "
+        f"(level {attributes['level']}, resampling {attributes['resampling']})"
+    )
+    if h5 is not None:
+        console.print(f"wrote {h5}")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Argument(help="Where to write the demo store.")] = Path(
         "demo_output/visium_demo.zarr"

@@ -267,3 +267,23 @@ def test_bad_hest_h5_files(tmp_path: Path) -> None:
         h5["img"] = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(InputError, match=r"missing datasets \['coords', 'barcode'\]"):
         read_hest_h5(tmp_path / "partial.h5")
+
+
+def test_patch_command_writes_the_store_and_the_h5(svs_store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hest_zarr.cli import app
+
+    url, _level0, _ = svs_store
+    out, h5_path = tmp_path / "p.zarr", tmp_path / "p.h5"
+    result = CliRunner().invoke(
+        app, ["patch", str(url), str(out), "--size", "112", "--pixel-size", "1.0", "--h5", str(h5_path)]
+    )
+    assert result.exit_code == 0, result.output
+    ids, _ = spot_grid()
+    assert f"wrote {len(ids)} patches of 112 px at 1.0 um/px" in result.output and "level 1" in result.output
+    images, _coords, barcodes = read_hest_h5(h5_path)
+    assert images.shape == (len(ids), 112, 112, 3) and sorted(barcodes) == sorted(ids)
+    missing = CliRunner().invoke(app, ["patch", str(tmp_path / "nope.zarr"), str(tmp_path / "q.zarr")])
+    assert missing.exit_code == 1 and "error:" in missing.output and "nope.zarr" in missing.output
+    assert not (tmp_path / "q.zarr").exists()

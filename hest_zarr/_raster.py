@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import dask.array as da
@@ -85,6 +85,40 @@ def downsample_2x(block: np.ndarray) -> np.ndarray:
     return mean.astype(block.dtype)
 
 
+def downsample_labels_2x(block: np.ndarray) -> np.ndarray:
+    """Keep the top-left pixel of every 2x2 block of a ``c, y, x`` label array (labels are ids: never averaged).
+
+    Odd trailing rows or columns are dropped, as in :func:`downsample_2x`, so level ``k`` still maps to level 0 by
+    exactly ``Scale(2**k)``.
+
+    Examples
+    --------
+    >>> downsample_labels_2x(np.array([[[7, 1, 2], [1, 1, 5], [9, 9, 9]]], dtype=np.uint32))
+    array([[[7]]], dtype=uint32)
+
+    """
+    height, width = block.shape[1] // 2 * 2, block.shape[2] // 2 * 2
+    return np.ascontiguousarray(block[:, 0:height:2, 0:width:2])
+
+
+class _WithChannelAxis:
+    """A ``y, x`` zarr array seen as ``1, y, x``, so that label rasters stream through the image pyramid code."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, *self.array.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return (1, *self.array.chunks)
+
+    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
+        self.array[key[1:]] = value[0]
+
+
 class _BackgroundWrites:
     """zarr writes on threads, at most ``limit`` at a time: encoding overlaps the reading and halving of rows."""
 
@@ -111,10 +145,17 @@ class _LevelRows:
     an odd row waits for its pair in the next block.
     """
 
-    def __init__(self, array: zarr.Array, below: _LevelRows | None, writes: _BackgroundWrites) -> None:
+    def __init__(
+        self,
+        array: zarr.Array,
+        below: _LevelRows | None,
+        writes: _BackgroundWrites,
+        downsample: Callable[[np.ndarray], np.ndarray] = downsample_2x,
+    ) -> None:
         self.array = array
         self.below = below
         self.writes = writes
+        self.downsample = downsample
         self.chunk_rows = array.chunks[1]
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
@@ -150,7 +191,7 @@ class _LevelRows:
         paired = block.shape[1] // 2 * 2
         self.unpaired = block[:, paired:].copy() if paired < block.shape[1] else None
         if paired:
-            self.below.push(downsample_2x(block[:, :paired, : 2 * self.below.array.shape[2]]))
+            self.below.push(self.downsample(block[:, :paired, : 2 * self.below.array.shape[2]]))
 
 
 def _row_blocks(row_chunks: Sequence[int], target_rows: int) -> list[tuple[int, int]]:
@@ -168,7 +209,13 @@ def _row_blocks(row_chunks: Sequence[int], target_rows: int) -> list[tuple[int, 
     return list(itertools.pairwise(cuts))
 
 
-def stream_pyramid(source: da.Array, arrays: Sequence[zarr.Array], *, description: str = "image") -> None:
+def stream_pyramid(
+    source: da.Array,
+    arrays: Sequence[zarr.Array],
+    *,
+    description: str = "image",
+    downsample: Callable[[np.ndarray], np.ndarray] = downsample_2x,
+) -> None:
     """Write a ``c, y, x`` dask array to ``arrays[0]`` and its 2x2-mean pyramid to the others, in one pass.
 
     The source is computed in blocks of whole rows (along its own chunk edges, so a file tile is decoded
@@ -194,6 +241,9 @@ def stream_pyramid(source: da.Array, arrays: Sequence[zarr.Array], *, descriptio
         Level ``k`` has ``shape[1:] == pyramid_shapes(...)[k]`` (each level halves the one above, rounding down).
     description
         Label of the progress bar.
+    downsample
+        Halves a ``c, y, x`` block: :func:`downsample_2x` (2x2 mean) for images, :func:`downsample_labels_2x` for
+        labels.
 
     Examples
     --------
@@ -229,7 +279,7 @@ def stream_pyramid(source: da.Array, arrays: Sequence[zarr.Array], *, descriptio
         writes = _BackgroundWrites(writer, limit=WRITES_IN_FLIGHT)
         levels: list[_LevelRows] = []
         for array in reversed(arrays):
-            levels.insert(0, _LevelRows(array, levels[0] if levels else None, writes))
+            levels.insert(0, _LevelRows(array, levels[0] if levels else None, writes, downsample))
         upcoming = reader.submit(compute, blocks[0]) if blocks else None
         for index in range(len(blocks)):
             block = upcoming.result()
@@ -264,12 +314,15 @@ def write_image_element(
     build_pyramid: bool = True,
     min_side: int = PYRAMID_MIN_SIDE,
 ) -> zarr.Group:
-    """Write a ``c, y, x`` image element as an OME-NGFF multiscale group readable by spatialdata.
+    """Write a ``c, y, x`` image (or ``y, x`` labels) element as an OME-NGFF multiscale group readable by spatialdata.
+
+    Labels (integer ids, no channel axis) are always written lossless (zstd, whatever ``codec``) and their pyramid
+    keeps the top-left pixel of each 2x2 block (:func:`downsample_labels_2x`) instead of the mean.
 
     Parameters
     ----------
     images_group
-        The store's ``images`` group.
+        The store's ``images`` (or ``labels``) group.
     name
         Element name, e.g. ``"he"``.
     image
@@ -297,27 +350,35 @@ def write_image_element(
         raise ValueError(f"chunk_size must be within 64-4096 px, got {chunk_size}")
     scale0 = _scale0(image)
     axes = tuple(get_axes_names(scale0))
-    if axes != ("c", "y", "x"):
-        raise ValueError(f"image {name!r} has axes {axes}; hest-zarr stores 2D images as ('c', 'y', 'x')")
+    is_labels = axes == ("y", "x")
+    if axes != ("c", "y", "x") and not is_labels:
+        raise ValueError(
+            f"image {name!r} has axes {axes}; hest-zarr stores 2D images as ('c', 'y', 'x') and labels as ('y', 'x')"
+        )
+    if is_labels and not np.issubdtype(scale0.dtype, np.integer):
+        raise ValueError(f"labels {name!r} must hold integer ids, found {scale0.dtype}")
     transformations = get_transformation(scale0, get_all=True)
-    channels = [str(c) for c in get_channel_names(scale0)]
+    channels = [] if is_labels else [str(c) for c in get_channel_names(scale0)]
     given_levels = _levels(image)
 
     group = images_group.create_group(name, overwrite=True)
-    n_channels = scale0.shape[0]
-    codecs = image_array_codecs(codec, n_channels=n_channels, dtype=scale0.dtype, jpeg_quality=jpeg_quality)
+    n_channels = 1 if is_labels else scale0.shape[0]
+    leading = () if is_labels else (n_channels,)
+    codecs = image_array_codecs(
+        "zstd" if is_labels else codec, n_channels=n_channels, dtype=scale0.dtype, jpeg_quality=jpeg_quality
+    )
     if given_levels is not None:
-        shapes = [tuple(level.shape[1:]) for level in given_levels]
+        shapes = [tuple(level.shape[-2:]) for level in given_levels]
     elif build_pyramid:
-        shapes = pyramid_shapes(*scale0.shape[1:], min_side=min_side)
+        shapes = pyramid_shapes(*scale0.shape[-2:], min_side=min_side)
     else:
-        shapes = [tuple(scale0.shape[1:])]
+        shapes = [tuple(scale0.shape[-2:])]
 
     arrays = [
         group.create_array(
             name=f"s{index}",
-            shape=(n_channels, height, width),
-            chunks=(n_channels, min(chunk_size, height), min(chunk_size, width)),
+            shape=(*leading, height, width),
+            chunks=(*leading, min(chunk_size, height), min(chunk_size, width)),
             dtype=scale0.dtype,
             dimension_names=list(axes),
             fill_value=0,
@@ -328,34 +389,36 @@ def write_image_element(
         )
         for index, (height, width) in enumerate(shapes)
     ]
+    # labels stream through the same code as a one-channel image
+    targets = [_WithChannelAxis(array) for array in arrays] if is_labels else arrays
+    downsample = downsample_labels_2x if is_labels else downsample_2x
+    channel_scale = [] if is_labels else [1.0]
     if given_levels is None:
-        stream_pyramid(da.asarray(scale0.data), arrays, description=name)
-        scales = [[1.0, float(2**index), float(2**index)] for index in range(len(shapes))]
+        source = da.asarray(scale0.data)
+        stream_pyramid(source[None] if is_labels else source, targets, description=name, downsample=downsample)
+        scales = [[*channel_scale, float(2**index), float(2**index)] for index in range(len(shapes))]
     else:
-        for index, (level, array) in enumerate(zip(given_levels, arrays, strict=True)):
-            stream_pyramid(da.asarray(level), [array], description=f"{name} s{index}")
-        scales = [[1.0, scale0.shape[1] / height, scale0.shape[2] / width] for height, width in shapes]
+        for index, (level, target) in enumerate(zip(given_levels, targets, strict=True)):
+            source = da.asarray(level)
+            stream_pyramid(source[None] if is_labels else source, [target], description=f"{name} s{index}")
+        scales = [[*channel_scale, scale0.shape[-2] / height, scale0.shape[-1] / width] for height, width in shapes]
     datasets = [
         {"path": f"s{index}", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         for index, scale in enumerate(scales)
     ]
 
     raster_format = CurrentRasterFormat()
-    group.attrs["ome"] = {
-        "version": raster_format.version,
-        "omero": {"channels": [{"label": c} for c in channels]},
-        "multiscales": [
-            {
-                "name": f"/images/{name}",
-                "axes": [
-                    {"name": "c", "type": "channel"},
-                    {"name": "y", "type": "space"},
-                    {"name": "x", "type": "space"},
-                ],
-                "datasets": datasets,
-            }
-        ],
+    multiscale = {
+        "name": name if is_labels else f"/images/{name}",
+        "axes": [{"name": axis, "type": "channel" if axis == "c" else "space"} for axis in axes],
+        "datasets": datasets,
     }
+    group.attrs["ome"] = {"version": raster_format.version, "multiscales": [multiscale]} | (
+        {} if is_labels else {"omero": {"channels": [{"label": c} for c in channels]}}
+    )
+    if is_labels:  # OME-NGFF lists the label images in the attributes of the labels group
+        listed = images_group.attrs.get("ome", {}).get("labels", [])
+        images_group.attrs["ome"] = {"labels": sorted({*listed, name})}
     overwrite_coordinate_transformations_raster(
         group=group, axes=axes, transformations=transformations, raster_format=raster_format
     )

@@ -9,6 +9,8 @@ A HEST-1k download holds, per sample id ``ID`` (layout described in the HEST-1k 
 - ``tissue_seg/ID_contours.geojson``: tissue contours with holes;
 - ``cellvit_seg/ID_cellvit_seg.geojson`` (or ``.geojson.zip`` / ``.parquet``): CellViT nuclei;
 - ``transcripts/ID_transcripts.parquet``: Xenium molecules with H&E pixel columns ``he_x, he_y``;
+- ``xenium_seg/ID_xenium_cell_seg.parquet`` / ``ID_xenium_nucleus_seg.parquet`` (or ``.geojson.zip``): the Xenium
+  cell and nucleus polygons in H&E pixels (see :func:`xenium_seg_paths`);
 - ``patches/ID.h5``: 224 px patches around spots (derived data: not imported; export it from a store
   with the patching operator).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -143,7 +146,192 @@ def _um_to_pixels(pixel_size_um: float) -> Any:
     return Scale([1 / pixel_size_um] * 2, axes=("x", "y"))
 
 
-def read_hest(root: str | Path, sample_id: str) -> SpatialData:
+# --------------------------------------------------------------------------------------------- xenium_seg
+#: HEST-1k's ``xenium_seg/`` files: element -> the word in ``ID_xenium_<word>_seg.parquet`` / ``.geojson.zip``.
+XENIUM_SEG_KINDS = {Elements.CELLS: "cell", Elements.NUCLEI: "nucleus"}
+XENIUM_SEG_SOURCE = "xenium"
+
+
+def xenium_seg_paths(root: str | Path, sample_id: str) -> dict[str, tuple[Path, Path]]:
+    """Return, for ``cells`` and ``nuclei``, the GeoParquet and the zipped GeoJSON of HEST-1k's ``xenium_seg/``.
+
+    HEST-1k releases, for Xenium samples, the Xenium cell and nucleus boundaries warped onto the H&E, in its
+    pixels: ``xenium_seg/ID_xenium_cell_seg.parquet`` (and ``_nucleus_``), a GeoParquet (WKB ``geometry``, one
+    Polygon per cell, the Xenium cell id as index), and the same polygons as QuPath-style GeoJSON in
+    ``ID_xenium_cell_seg.geojson.zip`` (Features grouped by class, without the cell ids). Layout read from the
+    HEST-Library's writer and its ``load_hest`` (mahmoodlab/HEST ``HESTData.py``, ``utils.py``).
+
+    Examples
+    --------
+    >>> xenium_seg_paths("hest_data", "NCBI784")["cells"][0].as_posix()
+    'hest_data/xenium_seg/NCBI784_xenium_cell_seg.parquet'
+
+    """
+    folder = Path(root) / "xenium_seg"
+    return {
+        name: (folder / f"{sample_id}_xenium_{word}_seg.parquet", folder / f"{sample_id}_xenium_{word}_seg.geojson.zip")
+        for name, word in XENIUM_SEG_KINDS.items()
+    }
+
+
+def _read_seg_parquet(path: Path, pixel_size_um: float) -> geopandas.GeoDataFrame:
+    """Read a HEST ``xenium_seg`` GeoParquet: polygons in H&E pixels indexed by cell id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        frame = pd.read_parquet(path)
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"{path}: not a readable parquet file (truncated or not parquet? {err})") from err
+    column = json.loads(metadata.get(b"geo", b"{}")).get("primary_column", "geometry")
+    if column not in frame.columns:
+        raise InputError(f"{path}: no '{column}' column (expected WKB polygons); found {list(frame.columns)}")
+    try:
+        geometry = shapely.from_wkb(frame.pop(column).to_numpy())
+    except (shapely.errors.GEOSException, TypeError) as err:
+        raise InputError(f"{path}: the '{column}' column is not WKB geometry ({err})") from err
+    kinds = geopandas.GeoSeries(geometry).geom_type
+    polygonal = kinds.isin(["Polygon", "MultiPolygon"]).to_numpy()
+    if not polygonal.all():
+        found = kinds[~polygonal].fillna("empty").value_counts().to_dict()
+        raise InputError(
+            f"{path}: {int((~polygonal).sum())} of {len(geometry)} geometries are not polygons ({found}); "
+            "expected cell or nucleus polygons"
+        )
+    index = frame.index
+    if isinstance(index, pd.RangeIndex) and "cell_id" in frame.columns:
+        index = pd.Index(frame.pop("cell_id"))
+    index = pd.Index([i.decode() if isinstance(i, bytes) else str(i) for i in index], name="cell_id")
+    if index.has_duplicates:
+        raise InputError(f"{path}: repeated cell id(s), e.g. {index[index.duplicated()][0]!r}")
+    frame.index = index
+    if "source" not in frame.columns:
+        frame["source"] = pd.Categorical([XENIUM_SEG_SOURCE] * len(frame))
+    polygons = geopandas.GeoDataFrame(frame, geometry=geometry)
+    return ShapesModel.parse(polygons, transformations=frame_transformations(pixel_size_um))
+
+
+def _read_seg_geojson_zip(path: Path, pixel_size_um: float) -> geopandas.GeoDataFrame:
+    """Read a HEST ``xenium_seg`` ``.geojson.zip`` (its Features carry no cell ids: polygons get part ids)."""
+    from hest_zarr.converters.nuclei import read_segmentation
+
+    try:
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as tmp:
+            names = [n for n in archive.namelist() if n.endswith(".geojson")]
+            if not names:
+                raise InputError(f"{path}: no .geojson inside the archive")
+            polygons = read_segmentation(archive.extract(names[0], tmp), format="qupath", pixel_size_um=pixel_size_um)
+    except zipfile.BadZipFile as err:
+        raise InputError(f"{path}: not a readable zip archive ({err})") from err
+    polygons["source"] = pd.Categorical([XENIUM_SEG_SOURCE] * len(polygons))
+    return polygons.drop(columns=["object_type"], errors="ignore")
+
+
+def read_xenium_seg(root: str | Path, sample_id: str, pixel_size_um: float) -> dict[str, tuple[Any, Path]]:
+    """Read a HEST-1k sample's ``xenium_seg/`` files into ``cells`` and ``nuclei`` polygons (H&E pixels).
+
+    The GeoParquet is preferred (it keeps the Xenium cell ids); the ``.geojson.zip`` is read when it is the only
+    file (ids are then ``<feature>_<part>``). Polygons keep their vertices as written, with ``source = "xenium"``.
+
+    Parameters
+    ----------
+    root
+        The HEST-1k download's root folder.
+    sample_id
+        The sample id.
+    pixel_size_um
+        Micrometres per H&E pixel.
+
+    Returns
+    -------
+    Element name -> (polygons, the file read), for the files that exist.
+
+    Raises
+    ------
+    InputError
+        An unreadable file, geometries that are not polygons, or repeated cell ids.
+
+    Examples
+    --------
+    >>> read_xenium_seg("hest_data", "NCBI784", 0.2738)["cells"][0].shape  # doctest: +SKIP
+
+    """
+    found = {}
+    for name, (parquet, archive) in xenium_seg_paths(root, sample_id).items():
+        if parquet.is_file():
+            found[name] = (_read_seg_parquet(parquet, pixel_size_um), parquet)
+        elif archive.is_file():
+            found[name] = (_read_seg_geojson_zip(archive, pixel_size_um), archive)
+    return found
+
+
+def write_xenium_seg(
+    sdata: SpatialData, root: str | Path, sample_id: str, global_to_image: np.ndarray
+) -> dict[str, Path]:
+    """Write the store's Xenium ``cells`` and ``nuclei`` as HEST-1k ``xenium_seg/`` GeoParquet files.
+
+    Only elements whose ``source`` is ``xenium`` in every row are written (CellViT nuclei belong to
+    ``cellvit_seg/``). Vertices are mapped to the exported WSI's pixels (``global_to_image`` after the element's
+    own transformation to ``global``; left untouched when that is the identity); the index (cell ids) is written as
+    ``cell_id``; the ``source`` column is dropped, as HEST's files have none.
+
+    Examples
+    --------
+    >>> write_xenium_seg(hest_zarr.open("NCBI784.zarr"), "hest_data", "NCBI784", np.eye(3))  # doctest: +SKIP
+    {'xenium_cell_seg': PosixPath('hest_data/xenium_seg/NCBI784_xenium_cell_seg.parquet'), ...}
+
+    """
+    from spatialdata.transformations import get_transformation
+
+    written = {}
+    for name, (parquet, _) in xenium_seg_paths(root, sample_id).items():
+        if name not in sdata.shapes or "source" not in sdata.shapes[name].columns:
+            continue
+        polygons = sdata.shapes[name]
+        if not (polygons["source"].astype(str) == XENIUM_SEG_SOURCE).all():
+            continue
+        to_image = global_to_image @ get_transformation(polygons, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        geometry = polygons.geometry
+        if not np.array_equal(to_image, np.eye(3)):
+            geometry = geometry.affine_transform([*to_image[0, :2], *to_image[1, :2], to_image[0, 2], to_image[1, 2]])
+        frame = geopandas.GeoDataFrame(
+            polygons.drop(columns=["source", polygons.geometry.name]), geometry=geometry.to_numpy()
+        )
+        frame.index = pd.Index(polygons.index.astype(str), name="cell_id")
+        frame.attrs = {}  # the element's transformations: HEST's files are in image pixels, without them
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(parquet)
+        written[f"xenium_{XENIUM_SEG_KINDS[name]}_seg"] = parquet
+    return written
+
+
+def _add_xenium_seg(
+    root: str | Path,
+    sample_id: str,
+    pixel_size_um: float,
+    elements: tuple[dict[str, Any], dict[str, list[str]], dict[str, dict[str, Any]]],
+    nuclei: str,
+) -> None:
+    """Put the ``xenium_seg/`` polygons in ``shapes`` (with their inputs); ``nuclei`` says who keeps ``nuclei``."""
+    shapes, inputs, parameters = elements
+    if nuclei not in ("cellvit", "xenium"):
+        raise InputError(f"{root}: nuclei must be 'cellvit' or 'xenium', not {nuclei!r}")
+    for name, (polygons, source) in read_xenium_seg(root, sample_id, pixel_size_um).items():
+        if name in shapes and nuclei == "cellvit":
+            warnings.warn(
+                f"{source}: not imported, '{name}' holds the CellViT nuclei (nuclei='xenium' imports it instead)",
+                UserWarning,
+                stacklevel=3,
+            )
+            parameters.setdefault(name, {})["not_imported"] = [str(source)]
+            continue
+        shapes[name], inputs[name] = polygons, [str(source)]
+        parameters.pop(name, None)
+
+
+def read_hest(root: str | Path, sample_id: str, *, nuclei: str = "cellvit") -> SpatialData:
     """Read one sample of a HEST-1k download into a sample (SpatialData with its record).
 
     Parameters
@@ -152,11 +340,14 @@ def read_hest(root: str | Path, sample_id: str) -> SpatialData:
         The download's root folder (holding ``st/``, ``wsis/``, ``metadata/``...).
     sample_id
         The HEST-1k id, e.g. ``"TENX95"``.
+    nuclei
+        Which file fills ``nuclei`` when a Xenium sample has both: ``"cellvit"`` (``cellvit_seg/``) or ``"xenium"``
+        (``xenium_seg/``); the other is not imported, with a warning.
 
     Returns
     -------
-    The sample: ``spots`` + ``spot_expression`` always; ``he``, ``tissue``, ``nuclei`` and ``transcripts``
-    when their files exist.
+    The sample: ``spots`` + ``spot_expression`` always; ``he``, ``tissue``, ``nuclei``, ``cells`` (Xenium,
+    ``xenium_seg/``, see :func:`read_xenium_seg`) and ``transcripts`` when their files exist.
 
     Examples
     --------
@@ -207,6 +398,8 @@ def read_hest(root: str | Path, sample_id: str) -> SpatialData:
     if cellvit is not None:
         shapes[Elements.NUCLEI], source = cellvit
         inputs[Elements.NUCLEI] = [str(source)]
+    parameters: dict[str, dict[str, Any]] = {Elements.SPOTS: {"unused_metadata_keys": sorted(extra_metadata)}}
+    _add_xenium_seg(root, sample_id, pixel_size, (shapes, inputs, parameters), nuclei)
     if paths["transcripts"].is_file():
         points[Elements.TRANSCRIPTS] = _read_transcripts(paths["transcripts"], pixel_size)
         inputs[Elements.TRANSCRIPTS] = [str(paths["transcripts"])]
@@ -221,7 +414,7 @@ def read_hest(root: str | Path, sample_id: str) -> SpatialData:
         shapes=shapes,
         points=points,
         tables={Elements.SPOT_EXPRESSION: table},
-        parameters={Elements.SPOTS: {"unused_metadata_keys": sorted(extra_metadata)}},
+        parameters=parameters,
     )
 
 
@@ -381,4 +574,5 @@ def export_hest(
         paths["tissue"].parent.mkdir(parents=True, exist_ok=True)
         contours.to_file(paths["tissue"], driver="GeoJSON")
         written["tissue"] = paths["tissue"]
+    written.update(write_xenium_seg(sdata, root, sample_id, to_image))
     return written

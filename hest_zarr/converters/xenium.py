@@ -16,6 +16,11 @@ What is read, and how:
   by the same scanpy reader as Visium (``read_10x_h5(gex_only=False)``), raw integer counts of every feature;
   ``var['is_control']`` flags negative-control probes/codewords, unassigned/deprecated codewords, genomic
   controls and ``BLANK_`` features. The columns of ``cells.parquet`` (centroids, counts, areas) join ``obs``.
+  Xenium Protein features (``feature_types == "Protein Expression"``, XOA >= 4) go to the ``cell_protein`` table
+  instead: float intensities, the fixed-point integers of the h5 divided by its ``protein_scaling_factor``.
+- ``cells.zarr.zip``: the ``nucleus_labels`` and ``cell_labels`` label rasters (``masks/0``, ``masks/1``) on the
+  morphology pixels, read lazily, and the ``label_cell_ids`` table (label value -> cell id), see
+  :func:`read_cells_zarr`.
 - ``morphology_focus.ome.tif`` (XOA 1), ``morphology_focus/morphology_focus_0000.ome.tif`` (XOA 2-3),
   ``morphology_focus/ch0000_dapi.ome.tif`` (XOA 4), else ``morphology_mip.ome.tif``, else the z-stack
   ``morphology.ome.tif`` (projected by its maximum): the ``dapi`` image, channel ``DAPI``, lazily through
@@ -64,18 +69,21 @@ import pyarrow.parquet as pq
 import shapely
 from anndata import AnnData
 from geopandas import GeoDataFrame
+from scipy import sparse
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, PointsModel, ShapesModel
+from spatialdata.models import Image2DModel, Labels2DModel, PointsModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, BaseTransformation, Identity, Scale
 from spatialdata_io._constants._constants import XeniumKeys
 from xarray import DataArray
 
-from hest_zarr._constants import CoordinateSystems, Elements
+import hest_zarr
+from hest_zarr._constants import CoordinateSystems, Elements, Keys
 from hest_zarr.converters._common import build_sample, expression_table, frame_transformations
 from hest_zarr.converters.slides import RGB_CHANNELS, he_element, slide_image
 from hest_zarr.converters.visium import read_counts
 from hest_zarr.errors import InputError
-from hest_zarr.schemas import SampleMetadata
+from hest_zarr.schemas import ElementRecord, Provenance, SampleMetadata
+from hest_zarr.store import get_record, set_record
 
 #: Micrometres per morphology pixel of every Xenium instrument so far, used when ``experiment.xenium`` is absent.
 DEFAULT_PIXEL_SIZE_UM = 0.2125
@@ -94,6 +102,17 @@ MORPHOLOGY_CANDIDATES = (
     "morphology.ome.tif",
 )
 DAPI_CHANNEL = XeniumKeys.MORPHOLOGY_FOCUS_CHANNEL_0.value
+CELLS_ZARR = XeniumKeys.CELLS_ZARR.value
+#: Element names of the label rasters of ``cells.zarr.zip`` -> their index under ``masks/``.
+NUCLEUS_LABELS = "nucleus_labels"
+CELL_LABELS = "cell_labels"
+MASK_INDEX = {NUCLEUS_LABELS: 0, CELL_LABELS: 1}
+#: Table mapping every label value of both rasters to its cell id.
+LABEL_CELL_IDS = "label_cell_ids"
+#: Table of the protein intensities (Xenium Protein), annotating ``cells``.
+CELL_PROTEIN = "cell_protein"
+PROTEIN_FEATURE_TYPE = "Protein Expression"
+PROTEIN_SCALING_ATTRIBUTE = "protein_scaling_factor"
 #: ``feature_types`` of the cell-feature matrix that are not measured genes (nor proteins).
 CONTROL_FEATURE_TYPES = frozenset(
     {
@@ -662,6 +681,329 @@ def read_cell_feature_matrix(path: str | Path) -> AnnData:
     return counts
 
 
+# --------------------------------------------------------------------------------------------- protein
+def split_protein_features(counts: AnnData) -> tuple[AnnData, AnnData | None]:
+    """Split a cell-feature matrix into its RNA features (genes and controls) and its protein features.
+
+    Protein features are those whose ``feature_types`` is ``"Protein Expression"`` (Xenium Protein, XOA >= 4).
+
+    Returns
+    -------
+    The RNA part, and the protein part (``None`` when the matrix has no protein feature).
+
+    Examples
+    --------
+    >>> var = pd.DataFrame({"feature_types": ["Gene Expression", "Protein Expression"]}, index=["ACTB", "CD45"])
+    >>> rna, protein = split_protein_features(AnnData(np.ones((2, 2), dtype=np.int32), var=var))
+    >>> rna.var_names.tolist(), protein.var_names.tolist()
+    (['ACTB'], ['CD45'])
+
+    """
+    types = counts.var.get("feature_types")
+    is_protein = np.zeros(counts.n_vars, dtype=bool) if types is None else types.astype(str).eq(PROTEIN_FEATURE_TYPE)
+    is_protein = np.asarray(is_protein)
+    if not is_protein.any():
+        return counts, None
+    return counts[:, ~is_protein].copy(), counts[:, is_protein].copy()
+
+
+def read_protein_scaling_factor(path: str | Path) -> float | None:
+    """Return the ``protein_scaling_factor`` attribute of ``cell_feature_matrix.h5``, ``None`` where it is absent.
+
+    Xenium Protein stores each protein intensity as an integer: the intensity times this factor (10 in XOA 4, a
+    fixed-point encoding), written as an attribute of the HDF5 file's root (10x Genomics' description in
+    satijalab/seurat#10024; spatialdata-io divides by it the same way). A MEX folder has no such attribute.
+
+    Raises
+    ------
+    InputError
+        The attribute is not a positive number.
+
+    Examples
+    --------
+    >>> read_protein_scaling_factor("outs/cell_feature_matrix.h5")  # doctest: +SKIP
+    10.0
+
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as h5:
+            factor = h5.attrs.get(PROTEIN_SCALING_ATTRIBUTE)
+    except OSError as err:
+        raise InputError(f"{path}: not a readable HDF5 file ({err})") from err
+    if factor is None:
+        return None
+    factor = np.asarray(factor).squeeze()
+    if factor.ndim or not np.issubdtype(factor.dtype, np.number) or not factor > 0:
+        raise InputError(f"{path}: {PROTEIN_SCALING_ATTRIBUTE} must be a positive number, found {factor!r}")
+    return float(factor)
+
+
+def protein_table(protein: AnnData, scaling_factor: float | None) -> AnnData:
+    """Build the ``cell_protein`` table (float intensities annotating ``cells``) from the protein features.
+
+    The stored values are divided by ``scaling_factor`` (so ``X`` holds the intensities 10x reports); without a
+    factor they are kept as stored. ``uns['protein_scaling_factor']`` records the factor that was applied.
+
+    Examples
+    --------
+    >>> protein = AnnData(np.array([[15, 0], [3, 240]], dtype=np.int32), var=pd.DataFrame(index=["CD45", "PanCK"]))
+    >>> protein.obs_names = ["cell_a", "cell_b"]
+    >>> protein_table(protein, 10.0).X.toarray().tolist()
+    [[1.5, 0.0], [0.30000001192092896, 24.0]]
+
+    """
+    values = sparse.csr_matrix(protein.X, dtype=np.float64)
+    if scaling_factor is not None:
+        values = values / scaling_factor
+    ids = protein.obs_names.astype(str).to_numpy()
+    obs = pd.DataFrame({Keys.SPOT_ID: ids, Keys.REGION: pd.Categorical([Elements.CELLS] * len(ids))}, index=ids)
+    table = AnnData(X=sparse.csr_matrix(values, dtype=np.float32), obs=obs, var=protein.var.copy())
+    if scaling_factor is not None:
+        table.uns[PROTEIN_SCALING_ATTRIBUTE] = scaling_factor
+    return TableModel.parse(table, region=Elements.CELLS, region_key=Keys.REGION, instance_key=Keys.SPOT_ID)
+
+
+# --------------------------------------------------------------------------------------------- cells.zarr.zip
+@dataclass(frozen=True)
+class XeniumMasks:
+    """The segmentation masks of ``cells.zarr.zip`` and the cell behind every label value.
+
+    Attributes
+    ----------
+    labels
+        ``nucleus_labels`` (``masks/0``) and ``cell_labels`` (``masks/1``): lazy ``(y, x)`` label rasters on the
+        morphology image's pixels, 0 = background.
+    label_cell_ids
+        One row per label value: ``region`` (the labels element), ``label`` and ``cell_id`` (the string id of
+        ``cells`` and ``cell_expression``). Several nucleus labels may name one cell (multi-nucleate cells).
+    layout
+        How the file maps labels to cells: ``"polygon_sets"`` (XOA >= 2), ``"seg_mask_value"`` (XOA 1.3-1.x) or
+        ``"none"`` (older files carry no mapping).
+    source
+        Path of the file.
+    homogeneous_transform
+        ``masks/homogeneous_transform`` as stored (recorded, not used: the masks are placed on the morphology
+        pixels, as 10x documents them), ``None`` when absent.
+
+    """
+
+    labels: dict[str, da.Array]
+    label_cell_ids: pd.DataFrame
+    layout: str
+    source: str
+    homogeneous_transform: list[list[float]] | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """Parameters recorded in the provenance of the labels and of ``label_cell_ids``."""
+        entries: dict[str, Any] = {"cells_zarr_layout": self.layout}
+        if self.homogeneous_transform is not None:
+            entries["homogeneous_transform"] = self.homogeneous_transform
+        return entries
+
+
+def decode_cell_ids(cell_id: np.ndarray) -> np.ndarray:
+    """Decode the ``cell_id`` array of a Xenium zarr file into the string ids of the parquet and h5 files.
+
+    XOA >= 1.3 stores ``(n, 2)`` uint32 pairs: the prefix's eight hexadecimal digits, most significant first,
+    each written as a letter (0 -> ``a`` ... 15 -> ``p``), then ``-`` and the dataset suffix (10x Genomics,
+    "Xenium Zarr output files", cell ID format). Older files store one integer per cell, kept as its decimal text.
+
+    Examples
+    --------
+    >>> decode_cell_ids(np.array([[0x9222CF34, 1], [0, 2]], dtype=np.uint32)).tolist()
+    ['jcccmpde-1', 'aaaaaaaa-2']
+    >>> decode_cell_ids(np.array([1, 17], dtype=np.uint32)).tolist()
+    ['1', '17']
+
+    """
+    cell_id = np.asarray(cell_id)
+    if cell_id.ndim == 2 and cell_id.shape[1] == 1:
+        cell_id = cell_id[:, 0]
+    if cell_id.ndim == 1:
+        return cell_id.astype(np.int64).astype(str)
+    prefix = cell_id[:, 0].astype(np.uint32)
+    digits = (prefix[:, None] >> np.arange(28, -4, -4, dtype=np.uint32)) & 0xF
+    letters = np.frombuffer((digits.astype(np.uint8) + ord("a")).tobytes(), dtype="S8").astype(str)
+    return np.char.add(np.char.add(letters, "-"), cell_id[:, 1].astype(np.int64).astype(str))
+
+
+def _open_zip_group(path: Path) -> Any:
+    import zipfile
+
+    import zarr
+
+    try:
+        store = zarr.storage.ZipStore(path, mode="r", read_only=True)
+        return zarr.open_group(store, mode="r")
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+        raise InputError(
+            f"{path}: not a readable zipped zarr store (truncated, or not a Xenium cells.zarr.zip? "
+            f"{type(err).__name__}: {err})"
+        ) from err
+
+
+def _zip_array(path: Path, group: Any, key: str, what: str) -> Any:
+    import zarr
+
+    try:
+        node = group[key]
+    except KeyError as err:
+        raise InputError(f"{path}: no '{key}' array (expected {what}); found {sorted(group.keys())}") from err
+    if not isinstance(node, zarr.Array):
+        raise InputError(f"{path}: '{key}' is a group, expected {what}")
+    return node
+
+
+def _read_whole(path: Path, array: Any, key: str) -> np.ndarray:
+    import zipfile
+
+    import zarr
+
+    try:
+        return np.asarray(array[...])
+    except (zipfile.BadZipFile, OSError, ValueError, zarr.errors.BaseZarrError) as err:
+        raise InputError(f"{path}: the '{key}' array cannot be read ({type(err).__name__}: {err})") from err
+
+
+def _label_rows(region: str, labels: np.ndarray, cell_ids: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"region": region, "label": labels.astype(np.int64), CELL_ID: cell_ids})
+
+
+def _label_cell_ids(path: Path, group: Any, cell_ids: np.ndarray) -> tuple[pd.DataFrame, str]:
+    """Map label values to cell ids: ``polygon_sets/<mask>/cell_index`` (XOA >= 2) or ``seg_mask_value`` (XOA 1.3+)."""
+    if "polygon_sets" in group:
+        rows = []
+        for name, mask in MASK_INDEX.items():
+            key = f"polygon_sets/{mask}/cell_index"
+            cell_index = _read_whole(path, _zip_array(path, group, key, "the cell of every polygon"), key)
+            cell_index = cell_index.astype(np.int64).ravel()
+            if len(cell_index) and (cell_index.min() < 0 or cell_index.max() >= len(cell_ids)):
+                raise InputError(
+                    f"{path}: '{key}' points outside the {len(cell_ids)} cells of 'cell_id' "
+                    f"(values {cell_index.min()}-{cell_index.max()})"
+                )
+            # the raster value of polygon p is p + 1 (0 is background)
+            rows.append(_label_rows(name, np.arange(1, len(cell_index) + 1), cell_ids[cell_index]))
+        return pd.concat(rows, ignore_index=True), "polygon_sets"
+    if "seg_mask_value" in group:
+        values = _read_whole(path, _zip_array(path, group, "seg_mask_value", "a label per cell"), "seg_mask_value")
+        values = values.ravel()
+        if len(values) != len(cell_ids):
+            raise InputError(f"{path}: 'seg_mask_value' has {len(values)} values for {len(cell_ids)} cells")
+        # XOA 1.3-1.x: one nucleus per cell, drawn with its cell's value in both masks
+        rows = [_label_rows(name, values, cell_ids) for name in MASK_INDEX]
+        return pd.concat(rows, ignore_index=True), "seg_mask_value"
+    return _label_rows(CELL_LABELS, np.array([], dtype=np.int64), np.array([], dtype=str)), "none"
+
+
+def read_cells_zarr(path: str | Path, *, chunk_size: int = MORPHOLOGY_CHUNK_PX) -> XeniumMasks:
+    """Read the nucleus and cell label rasters of ``cells.zarr.zip`` and which cell each label value is.
+
+    The file is a zarr v2 store in a zip (10x Genomics, "Overview of Xenium Zarr Output Files"): ``masks/0``
+    (nuclei) and ``masks/1`` (cells) are uint32 rasters of the morphology image's shape, 0 the background;
+    ``cell_id`` names the cells (see :func:`decode_cell_ids`); ``polygon_sets/<mask>/cell_index`` (XOA >= 2) gives
+    the cell row of every polygon, whose raster value is its position + 1; XOA 1.3-1.x has ``seg_mask_value``
+    instead (the raster value of each cell, shared by its one nucleus). The rasters are read lazily, chunk by
+    chunk, when computed; only ``cell_id`` and the mapping arrays are read now.
+
+    Why not ``spatialdata_io.xenium``: it reads the labels only inside its whole-folder reader, asserts on the
+    XOA version from ``experiment.xenium`` and raises no error that names the file.
+
+    Parameters
+    ----------
+    path
+        ``cells.zarr.zip``.
+    chunk_size
+        Chunk side (pixels) of the lazy rasters.
+
+    Raises
+    ------
+    InputError
+        A missing, truncated or corrupt zip, missing ``masks/0``, ``masks/1`` or ``cell_id``, masks that are not
+        2D integer rasters of one shape, or a mapping that points outside ``cell_id``.
+
+    Examples
+    --------
+    >>> masks = read_cells_zarr("xenium_outs/cells.zarr.zip")  # doctest: +SKIP
+    >>> masks.label_cell_ids.query("region == 'cell_labels'").head()  # doctest: +SKIP
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected Xenium's cells.zarr.zip)")
+    group = _open_zip_group(path)
+    labels = {}
+    for name, mask in MASK_INDEX.items():
+        key = f"masks/{mask}"
+        raster = _zip_array(path, group, key, f"the {name.split('_')[0]} label raster")
+        if raster.ndim != 2 or not np.issubdtype(raster.dtype, np.integer):
+            raise InputError(f"{path}: '{key}' must be a 2D integer raster, found {raster.ndim}D {raster.dtype}")
+        labels[name] = da.from_zarr(raster).rechunk((chunk_size, chunk_size))
+    shapes = {name: raster.shape for name, raster in labels.items()}
+    if len(set(shapes.values())) > 1:
+        raise InputError(f"{path}: the nucleus and cell masks differ in shape ({shapes})")
+    cell_ids = _read_whole(path, _zip_array(path, group, CELL_ID, "the cell ids"), CELL_ID)
+    if not (cell_ids.ndim == 1 or (cell_ids.ndim == 2 and cell_ids.shape[1] in (1, 2))):
+        raise InputError(f"{path}: 'cell_id' must be (n,) ids or (n, 2) prefix/suffix pairs, found {cell_ids.shape}")
+    cell_ids = decode_cell_ids(cell_ids)
+    label_cell_ids, layout = _label_cell_ids(path, group, cell_ids)
+    if layout == "none":
+        warnings.warn(
+            f"{path}: no polygon_sets nor seg_mask_value (a file older than XOA 1.3): the labels are kept but no "
+            "label value is mapped to a cell id",
+            UserWarning,
+            stacklevel=2,
+        )
+    transform = None
+    if "homogeneous_transform" in group["masks"]:
+        key = "masks/homogeneous_transform"
+        transform = _read_whole(path, group[key], key).astype(np.float64).tolist()
+    return XeniumMasks(labels, label_cell_ids, layout, str(path), transform)
+
+
+def label_elements(masks: XeniumMasks, frame: XeniumFrame) -> dict[str, DataArray]:
+    """Return the ``nucleus_labels`` and ``cell_labels`` elements, placed like the morphology image.
+
+    Examples
+    --------
+    >>> labels = label_elements(read_cells_zarr("cells.zarr.zip"), XeniumFrame.morphology(0.2125))  # doctest: +SKIP
+
+    """
+    return {
+        name: Labels2DModel.parse(raster, dims=("y", "x"), transformations=frame.morphology_transformations())
+        for name, raster in masks.labels.items()
+    }
+
+
+def label_cell_ids_table(masks: XeniumMasks) -> AnnData:
+    """Return the ``label_cell_ids`` table: one row per label value, annotating both label elements.
+
+    ``obs`` holds ``region`` (``nucleus_labels`` / ``cell_labels``), ``label`` (the raster value, its instance key)
+    and ``cell_id``, which joins ``cell_expression``'s ``spot_id``; ``X`` has no column.
+
+    Examples
+    --------
+    >>> table = label_cell_ids_table(read_cells_zarr("cells.zarr.zip"))  # doctest: +SKIP
+
+    """
+    rows = masks.label_cell_ids
+    obs = pd.DataFrame(
+        {
+            "region": pd.Categorical(rows["region"], categories=list(MASK_INDEX)),
+            "label": rows["label"].to_numpy(),
+            CELL_ID: rows[CELL_ID].astype(str).to_numpy(),
+        },
+        index=(rows["region"] + ":" + rows["label"].astype(str)).to_numpy(),
+    )
+    table = AnnData(X=sparse.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs)
+    return TableModel.parse(table, region=list(MASK_INDEX), region_key="region", instance_key="label")
+
+
 # --------------------------------------------------------------------------------------------- morphology image
 def read_morphology(path: str | Path, *, frame: XeniumFrame | None = None) -> DataArray:
     """Read the DAPI morphology image lazily as the ``dapi`` element (``c = ["DAPI"]``, the file's dtype).
@@ -799,6 +1141,7 @@ def read_xenium(
     alignment: str | Path | None = None,
     sample_id: str | None = None,
     metadata: SampleMetadata | None = None,
+    labels: bool = True,
 ) -> SpatialData:
     """Read a Xenium output folder into a sample, optionally placed on its H&E.
 
@@ -816,18 +1159,25 @@ def read_xenium(
         Sample id (default: the folder name).
     metadata
         Known metadata (e.g. the HEST-1k CSV row); converter-measured fields fill its gaps.
+    labels
+        Read the label rasters of ``cells.zarr.zip`` when the folder has one (lazily; they are written with the
+        store).
 
     Returns
     -------
     The sample: ``transcripts`` (points, um), ``cells`` and ``nuclei`` (polygons, um), ``cell_expression``
-    (raw counts annotating ``cells``), ``dapi`` when a morphology image exists, ``he`` when given.
+    (raw counts of genes and controls annotating ``cells``), ``dapi`` when a morphology image exists, ``he`` when
+    given. With Xenium Protein features, ``cell_protein`` (float intensities, the h5's ``protein_scaling_factor``
+    divided out, annotating ``cells``). With ``cells.zarr.zip``, ``nucleus_labels`` and ``cell_labels`` (label
+    rasters on the morphology pixels) and ``label_cell_ids`` (label value -> cell id, see
+    :func:`label_cell_ids_table`).
 
     Raises
     ------
     InputError
         A missing or unreadable required file (transcripts, cell boundaries, cell-feature matrix), an H&E without
-        alignment (or the reverse), a bad alignment, an alignment that puts no cell on the H&E, or counts whose
-        cells have no polygon.
+        alignment (or the reverse), a bad alignment, an alignment that puts no cell on the H&E, counts whose
+        cells have no polygon, an unreadable ``cells.zarr.zip`` or one whose labels name cells without a polygon.
 
     Examples
     --------
@@ -871,12 +1221,28 @@ def read_xenium(
         inputs[Elements.NUCLEI] = [str(nuclei_path), *experiment_inputs]
     points = {Elements.TRANSCRIPTS: read_transcripts(transcripts_path, frame=frame)}
     inputs[Elements.TRANSCRIPTS] = [str(transcripts_path), *experiment_inputs]
-    counts = read_cell_feature_matrix(counts_path)
+    counts, protein = split_protein_features(read_cell_feature_matrix(counts_path))
     measured["nb_genes"] = int((~counts.var["is_control"]).sum())
     summary = (summary_path, read_cells(summary_path)) if summary_path is not None else None
     tables = {Elements.CELL_EXPRESSION: _cell_table(counts, counts_path, cells, cells_path, summary)}
     inputs[Elements.CELL_EXPRESSION] = [str(counts_path)] + ([str(summary_path)] if summary_path else [])
     parameters = {name: experiment.provenance() for name in [*shapes, *points, *tables]}
+    if protein is not None:
+        tables[CELL_PROTEIN], parameters[CELL_PROTEIN] = _protein(protein, counts_path, experiment)
+        inputs[CELL_PROTEIN] = [str(counts_path)]
+
+    # added after build_sample, which takes no labels: the label table must not precede the labels it annotates
+    added_later: dict[str, dict[str, Any]] = {"labels": {}, "tables": {}}
+    cells_zarr_path = _cells_zarr_path(root, experiment) if labels else None
+    if cells_zarr_path is not None:
+        masks = read_cells_zarr(cells_zarr_path)
+        _check_label_cells(masks, cells, cells_path)
+        added_later["labels"] = label_elements(masks, frame)
+        if masks.layout != "none":
+            added_later["tables"] = {LABEL_CELL_IDS: label_cell_ids_table(masks)}
+        for name in (*added_later["labels"], *added_later["tables"]):
+            inputs[name] = [str(cells_zarr_path), *experiment_inputs]
+            parameters[name] = {**experiment.provenance(), **masks.provenance()}
 
     images: dict[str, Any] = {}
     if morphology_path is not None:
@@ -889,7 +1255,7 @@ def read_xenium(
 
     methods: dict[str, str] = {}
     if aligned is not None and he is not None:
-        for name in (*shapes, *points, *images):
+        for name in (*shapes, *points, *images, *added_later["labels"]):
             methods[name] = aligned.method
             inputs[name].append(aligned.source)
             parameters[name].update(aligned.provenance())
@@ -897,7 +1263,12 @@ def read_xenium(
         images[Elements.HE] = he
         inputs[Elements.HE] = [str(he_image)] if isinstance(he_image, str | Path) else []
 
-    return build_sample(
+    estimated_errors_um = (
+        dict.fromkeys(methods, aligned.estimated_error_um)
+        if aligned is not None and aligned.estimated_error_um is not None
+        else {}
+    )
+    sample = build_sample(
         converter=SOURCE,
         metadata=measured,
         pixel_size_um=frame.pixel_size_um,
@@ -909,9 +1280,78 @@ def read_xenium(
         tables=tables,
         parameters=parameters,
         methods=methods,
-        estimated_errors_um=(
-            dict.fromkeys(methods, aligned.estimated_error_um)
-            if aligned is not None and aligned.estimated_error_um is not None
-            else None
+        estimated_errors_um=estimated_errors_um,
+    )
+    _add_elements(sample, added_later, inputs, parameters, methods, estimated_errors_um)
+    return sample
+
+
+def _protein(protein: AnnData, counts_path: Path, experiment: XeniumExperiment) -> tuple[AnnData, dict[str, Any]]:
+    """Build the ``cell_protein`` table and its provenance parameters; warn when the values cannot be scaled."""
+    factor = read_protein_scaling_factor(counts_path) if counts_path.is_file() else None
+    if factor is None:
+        warnings.warn(
+            f"{counts_path}: {protein.n_vars} protein features but no {PROTEIN_SCALING_ATTRIBUTE}: their values are "
+            "stored as found in the file (not divided by a scaling factor)",
+            UserWarning,
+            stacklevel=3,
+        )
+    parameters = {
+        **experiment.provenance(),
+        PROTEIN_SCALING_ATTRIBUTE: factor,
+        "protein_values": "stored integer / protein_scaling_factor" if factor is not None else "as stored",
+    }
+    return protein_table(protein, factor), parameters
+
+
+def _cells_zarr_path(root: Path, experiment: XeniumExperiment) -> Path | None:
+    files = experiment.specs.get("xenium_explorer_files")
+    named = files.get("cells_zarr_filepath") if isinstance(files, dict) else None
+    if isinstance(named, str) and (root / named).is_file():
+        return root / named
+    return _first_or_none(root, (CELLS_ZARR,))
+
+
+def _check_label_cells(masks: XeniumMasks, cells: GeoDataFrame, cells_path: Path) -> None:
+    """Refuse labels that name cells the boundaries do not have (files of different runs)."""
+    unknown = pd.Index(masks.label_cell_ids[CELL_ID].unique()).difference(cells.index)
+    if len(unknown):
+        raise InputError(
+            f"{masks.source}: {len(unknown)} cell id(s) of its labels have no polygon in {cells_path.name} "
+            f"(e.g. {unknown[0]!r}); files from different runs?"
+        )
+
+
+def _add_elements(
+    sample: SpatialData,
+    elements: Mapping[str, Mapping[str, Any]],
+    inputs: Mapping[str, list[str]],
+    parameters: Mapping[str, Mapping[str, Any]],
+    methods: Mapping[str, str],
+    estimated_errors_um: Mapping[str, float],
+) -> None:
+    """Add elements (kind -> name -> element, in that order) and their records to a sample."""
+    record = get_record(sample)
+    for kind, group in elements.items():
+        for name, element in group.items():
+            getattr(sample, kind)[name] = element
+            record.elements[name] = _element_record(
+                kind, inputs[name], parameters[name], methods.get(name), estimated_errors_um.get(name)
+            )
+    set_record(sample, record)
+
+
+def _element_record(
+    kind: str, inputs: list[str], parameters: Mapping[str, Any], method: str | None, estimated_error_um: float | None
+) -> ElementRecord:
+    return ElementRecord(
+        kind=kind,
+        provenance=Provenance(
+            converter=SOURCE,
+            inputs=inputs,
+            method=method,
+            parameters=dict(parameters),
+            estimated_error_um=estimated_error_um,
+            hest_zarr_version=hest_zarr.__version__,
         ),
     )

@@ -33,6 +33,12 @@ ELEMENT_KINDS: dict[str, ElementKind] = {
     Elements.TRANSCRIPTS: "points",
     Elements.SPOT_EXPRESSION: "tables",
     Elements.CELL_EXPRESSION: "tables",
+    # Xenium (converters/xenium.py): label rasters of cells.zarr.zip, their label -> cell id table, and the protein
+    # intensities of Xenium Protein (floats, annotating cells: hence not in TABLE_REGIONS, whose tables hold counts)
+    "nucleus_labels": "labels",
+    "cell_labels": "labels",
+    "label_cell_ids": "tables",
+    "cell_protein": "tables",
 }
 #: Table name -> the shapes element it annotates.
 TABLE_REGIONS: dict[str, str] = {

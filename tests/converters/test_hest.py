@@ -8,6 +8,7 @@ HEST-1k dataset card describes; the tissue contour is a synthetic polygon around
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import anndata
@@ -15,9 +16,11 @@ import geopandas
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 import tifffile
 from PIL import Image
 from shapely import MultiPoint
+from spatialdata import transform
 from xarray import DataArray, DataTree
 
 import hest_zarr
@@ -155,3 +158,144 @@ def test_zipped_cellvit_nuclei_are_imported_without_leaving_files(mob1_hest) -> 
     assert len(nuclei) == 2 and set(nuclei["class"]) == {"Neoplastic"}
     np.testing.assert_allclose(nuclei.geometry.centroid.x.sort_values(), sorted([x0, x1]))
     assert sorted(p.name for p in archive_path.parent.iterdir()) == [archive_path.name]
+
+
+# ----------------------------------------------------------------------------------------------- xenium_seg
+#: The real SFE Xenium crop laid out as a HEST-1k Xenium sample (no HEST Xenium sample is available offline): its
+#: cell and nucleus boundaries put on a synthetic H&E frame (0.5 um/px, origin at (900, 900) um) and written as
+#: HEST's xenium_seg/ GeoParquet (WKB geometry, cell id index); st/ holds 100 um pseudo-spots binned from the real
+#: transcripts; metadata/ the pixel size.
+SFE_HEST_PIXEL_UM = 0.5
+SFE_HEST_ORIGIN_UM = 900.0
+SFE_CELLS = 526
+
+
+def sfe_polygons(kind: str) -> geopandas.GeoDataFrame:
+    """The real SFE ``<kind>_boundaries.parquet`` as H&E-pixel polygons indexed by cell id, as HEST writes them."""
+    vertices = pd.read_parquet(shared("SFE", "xenium", f"{kind}_boundaries.parquet"))
+    vertices["cell_id"] = vertices["cell_id"].str.decode("utf-8")
+    rings = {
+        cell_id: shapely.Polygon((group[["vertex_x", "vertex_y"]].to_numpy() - SFE_HEST_ORIGIN_UM) / SFE_HEST_PIXEL_UM)
+        for cell_id, group in vertices.groupby("cell_id", sort=False)
+    }
+    frame = geopandas.GeoDataFrame(geometry=list(rings.values()), index=pd.Index(list(rings), name="cell_id"))
+    return frame
+
+
+@pytest.fixture
+def sfe_hest(tmp_path: Path) -> Path:
+    root = tmp_path / "hest"
+    transcripts = pd.read_parquet(shared("SFE", "xenium", "transcripts.parquet"))
+    bins = ((transcripts[["x_location", "y_location"]] - SFE_HEST_ORIGIN_UM) // 100).astype(int)
+    spot = bins["x_location"].astype(str) + "x" + bins["y_location"].astype(str)
+    counts = pd.crosstab(spot, transcripts["feature_name"].astype(str))
+    centres = counts.index.to_series().str.split("x", expand=True).astype(int) * 100 + 50
+    obs = pd.DataFrame(
+        {
+            "pxl_col_in_fullres": centres[0].to_numpy() / SFE_HEST_PIXEL_UM,
+            "pxl_row_in_fullres": centres[1].to_numpy() / SFE_HEST_PIXEL_UM,
+        },
+        index=counts.index,
+    )
+    (root / "st").mkdir(parents=True)
+    anndata.AnnData(X=counts.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=counts.columns)).write_h5ad(
+        root / "st" / "SFEX.h5ad"
+    )
+    (root / "metadata").mkdir()
+    metadata = {"id": "SFEX", "st_technology": "Xenium", "spot_diameter": 100.0, "pixel_size_um_estimated": 0.5}
+    (root / "metadata" / "SFEX.json").write_text(json.dumps(metadata))
+    (root / "xenium_seg").mkdir()
+    sfe_polygons("cell").to_parquet(root / "xenium_seg" / "SFEX_xenium_cell_seg.parquet")
+    sfe_polygons("nucleus").to_parquet(root / "xenium_seg" / "SFEX_xenium_nucleus_seg.parquet")
+    return root
+
+
+def assert_same_polygons(actual: geopandas.GeoDataFrame, expected: geopandas.GeoDataFrame) -> None:
+    assert actual.index.astype(str).tolist() == expected.index.tolist()
+    np.testing.assert_array_equal(
+        shapely.get_coordinates(actual.geometry.to_numpy()), shapely.get_coordinates(expected.geometry.to_numpy())
+    )
+
+
+def test_xenium_seg_is_imported_in_he_pixels(sfe_hest: Path) -> None:
+    sdata = read_hest(sfe_hest, "SFEX")
+    for name, kind in (("cells", "cell"), ("nuclei", "nucleus")):
+        polygons = sdata[name]
+        assert len(polygons) == SFE_CELLS
+        assert_same_polygons(polygons, sfe_polygons(kind))
+        assert set(polygons["source"]) == {"xenium"}
+        # 'um' is the H&E frame in micrometres: the Xenium micrometres minus the synthetic origin
+        raw = pd.read_parquet(shared("SFE", "xenium", f"{kind}_boundaries.parquet"))
+        in_um = shapely.get_coordinates(transform(polygons, to_coordinate_system="um").geometry.to_numpy())
+        np.testing.assert_allclose(in_um, raw[["vertex_x", "vertex_y"]].to_numpy() - SFE_HEST_ORIGIN_UM, atol=1e-9)
+        provenance = hest_zarr.get_record(sdata).elements[name].provenance
+        assert provenance.inputs == [str(sfe_hest / "xenium_seg" / f"SFEX_xenium_{kind}_seg.parquet")]
+
+
+def test_xenium_seg_round_trips_exactly(sfe_hest: Path, tmp_path: Path) -> None:
+    url = hest_zarr.write(read_hest(sfe_hest, "SFEX"), tmp_path / "sfex.zarr")
+    assert hest_zarr.validate(url) == []
+    written = export_hest(url, tmp_path / "exported")
+    assert sorted(written) == ["metadata", "st", "xenium_cell_seg", "xenium_nucleus_seg"]
+    for kind in ("cell", "nucleus"):
+        original = geopandas.read_parquet(sfe_hest / "xenium_seg" / f"SFEX_xenium_{kind}_seg.parquet")
+        exported = geopandas.read_parquet(written[f"xenium_{kind}_seg"])
+        assert_same_polygons(exported, original)
+        assert list(exported.columns) == ["geometry"] and exported.index.name == "cell_id"
+    back = read_hest(tmp_path / "exported", "SFEX")
+    assert_same_polygons(back["cells"], sfe_polygons("cell"))
+    assert_same_polygons(back["nuclei"], sfe_polygons("nucleus"))
+
+
+def test_xenium_seg_geojson_zip_when_no_parquet(sfe_hest: Path) -> None:
+    """HEST's .geojson.zip holds the same polygons as QuPath-style Features grouped by class, without cell ids; built
+    here from the real SFE cells (one MultiPolygon Feature)."""
+    cells = sfe_polygons("cell")
+    (sfe_hest / "xenium_seg" / "SFEX_xenium_cell_seg.parquet").unlink()
+    feature = {
+        "type": "Feature",
+        "id": "cells",
+        "geometry": json.loads(shapely.to_geojson(shapely.MultiPolygon(list(cells.geometry)))),
+        "properties": {"objectType": "annotation", "classification": {"name": "cell", "color": [0, 0, 255]}},
+    }
+    with zipfile.ZipFile(sfe_hest / "xenium_seg" / "SFEX_xenium_cell_seg.geojson.zip", "w") as archive:
+        archive.writestr("SFEX_xenium_cell_seg.geojson", json.dumps([feature]))
+    polygons = read_hest(sfe_hest, "SFEX")["cells"]
+    assert len(polygons) == SFE_CELLS and set(polygons["source"]) == {"xenium"}
+    np.testing.assert_array_equal(
+        shapely.get_coordinates(polygons.geometry.to_numpy()), shapely.get_coordinates(cells.geometry.to_numpy())
+    )
+
+
+def test_cellvit_keeps_nuclei_unless_asked(sfe_hest: Path) -> None:
+    """A synthetic CellViT file (two squares) beside the real-derived Xenium nuclei: CellViT keeps ``nuclei`` by
+    default, with a warning naming the Xenium file left out; ``nuclei='xenium'`` swaps them."""
+    square = [[[10, 10], [20, 10], [20, 20], [10, 20], [10, 10]]]
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "MultiPolygon", "coordinates": [square, [[[x + 50, y] for x, y in square[0]]]]},
+        "properties": {"classification": {"name": "Neoplastic", "color": [255, 0, 0]}},
+    }
+    (sfe_hest / "cellvit_seg").mkdir()
+    (sfe_hest / "cellvit_seg" / "SFEX_cellvit_seg.geojson").write_text(json.dumps([feature]))
+    with pytest.warns(UserWarning, match=r"SFEX_xenium_nucleus_seg.parquet: not imported, 'nuclei' holds the CellViT"):
+        sdata = read_hest(sfe_hest, "SFEX")
+    assert len(sdata["nuclei"]) == 2 and len(sdata["cells"]) == SFE_CELLS
+    parameters = hest_zarr.get_record(sdata).elements["nuclei"].provenance.parameters
+    assert parameters["not_imported"][0].endswith("SFEX_xenium_nucleus_seg.parquet")
+    assert len(read_hest(sfe_hest, "SFEX", nuclei="xenium")["nuclei"]) == SFE_CELLS
+
+
+def test_bad_xenium_seg_files(sfe_hest: Path) -> None:
+    path = sfe_hest / "xenium_seg" / "SFEX_xenium_cell_seg.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"SFEX_xenium_cell_seg.parquet: not a readable parquet file"):
+        read_hest(sfe_hest, "SFEX")
+    points = sfe_polygons("cell")
+    points.geometry = points.geometry.centroid
+    points.to_parquet(path)
+    with pytest.raises(
+        InputError, match=r"SFEX_xenium_cell_seg.parquet: 526 of 526 geometries are not polygons \(\{'Point': 526\}\)"
+    ):
+        read_hest(sfe_hest, "SFEX")

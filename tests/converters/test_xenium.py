@@ -25,6 +25,7 @@ from spatialdata.transformations import Identity, get_transformation
 import hest_zarr
 from hest_zarr.converters.xenium import (
     XeniumFrame,
+    decode_cell_ids,
     read_alignment,
     read_boundaries,
     read_cell_feature_matrix,
@@ -472,3 +473,275 @@ def test_frame_without_he_is_the_morphology_image() -> None:
     frame = XeniumFrame.morphology(0.2125)
     np.testing.assert_allclose(frame.to_global(np.array([[212.5, 425.0]])), [[1000.0, 2000.0]])
     assert isinstance(frame.micrometre_transformations()["um"], Identity)
+
+
+# ----------------------------------------------------------------------------------------------- cells.zarr.zip
+#: The SFE crop has no cells.zarr.zip: the tests below build one from its real cell and nucleus polygons, rasterised
+#: at Xenium's 0.2125 um/px over the whole morphology frame (from the origin, as XOA writes the masks), in the layout
+#: 10x documents ("Overview of Xenium Zarr Output Files"): a zarr v2 store zipped, masks/0 nuclei, masks/1 cells,
+#: cell_id as (prefix, suffix) uint32 pairs, polygon_sets/<mask>/cell_index (XOA >= 2) or seg_mask_value (XOA 1.3).
+XENIUM_PIXEL_UM = 0.2125
+
+
+def encode_cell_ids(ids: list[str]) -> np.ndarray:
+    """Xenium's (prefix, suffix) uint32 pairs of ``aaaaaaaa-1``-style ids: eight letters a-p, one hex digit each."""
+    prefix = [int("".join(f"{ord(letter) - ord('a'):x}" for letter in text.split("-")[0]), 16) for text in ids]
+    suffix = [int(text.split("-")[1]) for text in ids]
+    return np.column_stack([prefix, suffix]).astype(np.uint32)
+
+
+def rasterise(vertices: pd.DataFrame, order: list[str], shape: tuple[int, int]) -> np.ndarray:
+    """Label image of the polygons of ``order`` (value k + 1 for the k-th), pixel centres inside the polygon."""
+    from skimage.draw import polygon as filled
+
+    raster = np.zeros(shape, dtype=np.uint32)
+    groups = vertices.groupby("cell_id", sort=False)
+    for value, cell_id in enumerate(order, start=1):
+        ring = groups.get_group(cell_id)
+        rows, cols = filled(
+            ring["vertex_y"].to_numpy() / XENIUM_PIXEL_UM - 0.5, ring["vertex_x"].to_numpy() / XENIUM_PIXEL_UM - 0.5
+        )
+        raster[rows, cols] = value
+    return raster
+
+
+@pytest.fixture(scope="module")
+def sfe_masks() -> dict:
+    """The real SFE polygons rasterised: cells in cells.parquet order, nuclei in a shuffled order (as polygon_sets
+    allows), with the cell row of every nucleus polygon."""
+    folder = shared("SFE", "xenium")
+    cell_ids = pd.read_parquet(folder / "cells.parquet")["cell_id"].tolist()
+    cells = raw_boundaries(folder / "cell_boundaries.parquet")
+    nuclei = raw_boundaries(folder / "nucleus_boundaries.parquet")
+    shape = (
+        int(np.ceil(max(cells["vertex_y"].max(), nuclei["vertex_y"].max()) / XENIUM_PIXEL_UM)) + 8,
+        int(np.ceil(max(cells["vertex_x"].max(), nuclei["vertex_x"].max()) / XENIUM_PIXEL_UM)) + 8,
+    )
+    nucleus_index = np.random.default_rng(3).permutation(len(cell_ids))
+    return {
+        "cell_ids": cell_ids,
+        "cells": rasterise(cells, cell_ids, shape),
+        "nuclei": rasterise(nuclei, [cell_ids[i] for i in nucleus_index], shape),
+        "nucleus_index": nucleus_index,
+    }
+
+
+def write_cells_zarr(path: Path, masks: dict, *, layout: str = "polygon_sets", skip: tuple[str, ...] = ()) -> Path:
+    """Write ``masks`` as a zipped zarr v2 store in the cells.zarr.zip layout (``skip``: arrays to leave out)."""
+    import zipfile
+
+    import zarr
+
+    folder = path.with_suffix(".dir")
+    root = zarr.open_group(zarr.storage.LocalStore(folder), mode="w", zarr_format=2)
+    arrays = {"cell_id": encode_cell_ids(masks["cell_ids"])}
+    if layout == "polygon_sets":
+        arrays |= {
+            "masks/0": masks["nuclei"],
+            "masks/1": masks["cells"],
+            "polygon_sets/0/cell_index": masks["nucleus_index"].astype(np.uint32),
+            "polygon_sets/1/cell_index": np.arange(len(masks["cell_ids"]), dtype=np.uint32),
+        }
+    else:  # XOA 1.3: one value per cell, shared by its nucleus
+        values = np.arange(len(masks["cell_ids"]), dtype=np.uint32) * 3 + 5
+        nucleus_values = np.r_[0, values[masks["nucleus_index"]]].astype(np.uint32)
+        arrays |= {
+            "masks/0": nucleus_values[masks["nuclei"]],
+            "masks/1": np.r_[0, values].astype(np.uint32)[masks["cells"]],
+            "seg_mask_value": values,
+        }
+    arrays["masks/homogeneous_transform"] = np.diag([1 / XENIUM_PIXEL_UM, 1 / XENIUM_PIXEL_UM, 1, 1]).astype("f4")
+    for key, data in arrays.items():
+        if key not in skip:
+            root.create_array(key, data=data, chunks=(1024, 1024) if key.startswith("masks/") else "auto")
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(folder).as_posix())
+    return path
+
+
+def label_centres(raster: np.ndarray, transformation) -> pd.DataFrame:
+    """Centroid of every label region, by label value, placed by ``transformation`` (from label pixels)."""
+    rows, cols = np.nonzero(raster)
+    values = raster[rows, cols]
+    frame = pd.DataFrame({"label": values, "x": cols + 0.5, "y": rows + 0.5}).groupby("label").mean()
+    matrix = transformation.to_affine_matrix(("x", "y"), ("x", "y"))
+    xy = frame[["x", "y"]].to_numpy() @ matrix[:2, :2].T + matrix[:2, 2]
+    return pd.DataFrame(xy, index=frame.index, columns=["x", "y"])
+
+
+@pytest.mark.parametrize("layout", ["polygon_sets", "seg_mask_value"])
+def test_cells_zarr_labels_map_to_their_cells(sfe: Path, sfe_masks: dict, tmp_path: Path, layout: str) -> None:
+    folder = folder_copy(sfe, tmp_path)
+    write_cells_zarr(folder / "cells.zarr.zip", sfe_masks, layout=layout)
+    sdata = read_sfe(folder)
+    cells, nuclei = sdata["cells"], sdata["nuclei"]
+    mapping = sdata["label_cell_ids"].obs
+    assert sdata["label_cell_ids"].uns["spatialdata_attrs"]["instance_key"] == "label"
+    for name, polygons in (("cell_labels", cells), ("nucleus_labels", nuclei)):
+        raster = sdata[name].values
+        assert raster.dtype == np.uint32 and raster.shape == sfe_masks["cells"].shape
+        rows = mapping[mapping["region"] == name].set_index("label")
+        present = np.unique(raster[raster > 0])
+        assert len(present) == len(rows) == SFE_CELLS
+        assert set(present) == set(rows.index)
+        centres = label_centres(raster, get_transformation(sdata[name], "um"))
+        owners = polygons.loc[rows.loc[centres.index, "cell_id"]].geometry.to_numpy()
+        inside = shapely.contains_xy(owners, centres["x"].to_numpy(), centres["y"].to_numpy())
+        assert inside.all(), f"{name}: {int((~inside).sum())} label centroids outside their cell's polygon"
+    # the label table joins cell_expression by cell id
+    assert set(mapping["cell_id"]) == set(sdata["cell_expression"].obs["spot_id"])
+    provenance = get_record(sdata).elements["cell_labels"].provenance
+    assert provenance.parameters["cells_zarr_layout"] == layout
+    assert provenance.inputs[0].endswith("cells.zarr.zip")
+    np.testing.assert_allclose(provenance.parameters["homogeneous_transform"][0][0], 1 / XENIUM_PIXEL_UM, rtol=1e-6)
+
+
+def test_labels_are_written_lossless_with_a_nearest_pyramid(sfe: Path, sfe_masks: dict, tmp_path: Path) -> None:
+    """Without the morphology images (no uint16 DAPI), the store is written with the JPEG image codec: the labels
+    must still be stored with zstd, value for value, and their pyramid must subsample, never average."""
+    import zarr
+
+    folder = folder_copy(sfe, tmp_path, skip=("morphology_focus.ome.tif", "morphology_mip.ome.tif"))
+    write_cells_zarr(folder / "cells.zarr.zip", sfe_masks)
+    url = hest_zarr.write(read_xenium(folder), tmp_path / "sample.zarr", image_codec="jpeg")
+    assert hest_zarr.validate(url) == []
+    reopened = hest_zarr.open(url)
+    for name, expected in (("cell_labels", sfe_masks["cells"]), ("nucleus_labels", sfe_masks["nuclei"])):
+        tree = reopened[name]
+        np.testing.assert_array_equal(tree["scale0"]["image"].values, expected)
+        np.testing.assert_array_equal(
+            tree["scale1"]["image"].values,
+            expected[0 : expected.shape[0] // 2 * 2 : 2, 0 : expected.shape[1] // 2 * 2 : 2],
+        )
+        to_um = get_transformation(tree, "um").to_affine_matrix(("x", "y"), ("x", "y"))
+        np.testing.assert_allclose(to_um, np.diag([XENIUM_PIXEL_UM, XENIUM_PIXEL_UM, 1.0]), rtol=1e-12)
+        array = zarr.open_group(str(tmp_path / "sample.zarr"), mode="r")[f"labels/{name}/s0"]
+        assert [codec["name"] for codec in array.metadata.to_dict()["codecs"]] == ["bytes", "zstd"]
+    table = reopened["label_cell_ids"]
+    assert table.n_obs == 2 * SFE_CELLS
+    assert zarr.open_group(str(tmp_path / "sample.zarr"), mode="r")["labels"].attrs["ome"]["labels"] == [
+        "cell_labels",
+        "nucleus_labels",
+    ]
+
+
+def test_labels_follow_the_he_alignment(sfe: Path, sfe_masks: dict, tmp_path: Path) -> None:
+    """With the synthetic H&E alignment above, every cell label lands in ``global`` (H&E pixels) on its cell polygon,
+    each placed by its own transformation."""
+    folder = folder_copy(sfe, tmp_path)
+    write_cells_zarr(folder / "cells.zarr.zip", sfe_masks)
+    sdata = read_sfe(folder, he_image=he_tile(), alignment=write_matrix(tmp_path / "he_alignment.csv", HE_TO_UM))
+    assert get_record(sdata).elements["cell_labels"].provenance.method == "xenium_explorer_matrix"
+    mapping = sdata["label_cell_ids"].obs.query("region == 'cell_labels'").set_index("label")
+    centres = label_centres(sdata["cell_labels"].values, get_transformation(sdata["cell_labels"], "global"))
+    polygons = transform(sdata["cells"], to_coordinate_system="global").loc[mapping.loc[centres.index, "cell_id"]]
+    inside = shapely.contains_xy(polygons.geometry.to_numpy(), centres["x"].to_numpy(), centres["y"].to_numpy())
+    assert inside.all()
+
+
+def test_truncated_cells_zarr_zip(sfe: Path, sfe_masks: dict, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path)
+    data = write_cells_zarr(tmp_path / "whole.zarr.zip", sfe_masks).read_bytes()
+    (folder / "cells.zarr.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cells.zarr.zip: not a readable zipped zarr store \(truncated"):
+        read_xenium(folder)
+
+
+def test_cells_zarr_without_the_cell_mask(sfe: Path, sfe_masks: dict, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path)
+    write_cells_zarr(folder / "cells.zarr.zip", sfe_masks, skip=("masks/1",))
+    with pytest.raises(InputError, match=r"cells.zarr.zip: no 'masks/1' array \(expected the cell label raster\)"):
+        read_xenium(folder)
+
+
+def test_labels_can_be_left_out(sfe: Path, sfe_masks: dict, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path)
+    write_cells_zarr(folder / "cells.zarr.zip", sfe_masks)
+    sdata = read_sfe(folder, labels=False)
+    assert not sdata.labels and "label_cell_ids" not in sdata.tables
+
+
+def test_cell_ids_decode_as_xenium_writes_them() -> None:
+    """The real SFE ids, encoded as (prefix, suffix) pairs, decode back; integer ids (XOA < 1.3) stay decimal."""
+    ids = pd.read_parquet(shared("SFE", "xenium", "cells.parquet"))["cell_id"].tolist()
+    assert decode_cell_ids(encode_cell_ids(ids)).tolist() == ids
+    assert decode_cell_ids(np.array([[7], [12]], dtype=np.uint32)).tolist() == ["7", "12"]
+
+
+# ----------------------------------------------------------------------------------------------- Xenium Protein
+#: The SFE matrix has no protein rows: the tests below append three protein features with synthetic values to a copy
+#: of the real cell_feature_matrix.h5, stored as Xenium Protein stores them (feature_type "Protein Expression",
+#: integers = intensity x protein_scaling_factor, the factor an attribute of the file's root).
+PROTEINS = ["CD45", "PanCK", "Vimentin"]
+
+
+def write_protein_matrix(source: Path, target: Path, *, scaling_factor: float | None) -> np.ndarray:
+    """Copy the real h5 and append the protein rows; return the stored (integer) protein values, cells x proteins."""
+    import h5py
+    from scipy import sparse
+
+    with h5py.File(source, "r") as h5:
+        group = h5["matrix"]
+        n_features, n_cells = group["shape"][:]
+        matrix = sparse.csc_matrix((group["data"][:], group["indices"][:], group["indptr"][:]), (n_features, n_cells))
+        features = {key: group["features"][key][:] for key in ("id", "name", "feature_type", "genome")}
+        barcodes, tag_keys, attributes = group["barcodes"][:], group["features"]["_all_tag_keys"][:], dict(h5.attrs)
+    stored = np.random.default_rng(5).integers(0, 4000, size=(n_cells, len(PROTEINS))).astype(np.float64)
+    stored[::7, 1] = 0  # some cells without signal
+    combined = sparse.vstack([matrix, sparse.csc_matrix(stored.T)]).tocsc()
+    features["id"] = np.r_[features["id"], [f"protein_{p}".encode() for p in PROTEINS]]
+    features["name"] = np.r_[features["name"], [p.encode() for p in PROTEINS]]
+    features["feature_type"] = np.r_[features["feature_type"], [b"Protein Expression"] * len(PROTEINS)]
+    features["genome"] = np.r_[features["genome"], [b"unknown"] * len(PROTEINS)]
+    with h5py.File(target, "w") as h5:
+        h5.attrs.update(attributes)
+        if scaling_factor is not None:
+            h5.attrs["protein_scaling_factor"] = scaling_factor
+        group = h5.create_group("matrix")
+        group["data"], group["indices"], group["indptr"] = combined.data, combined.indices, combined.indptr
+        group["shape"] = np.array(combined.shape, dtype=np.int32)
+        group["barcodes"] = barcodes
+        feature_group = group.create_group("features")
+        for key, values in features.items():
+            feature_group[key] = values
+        feature_group["_all_tag_keys"] = tag_keys
+    return stored
+
+
+def test_protein_features_go_to_their_own_scaled_table(sfe: Path, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path, skip=("cell_feature_matrix.h5",))
+    stored = write_protein_matrix(
+        sfe / "cell_feature_matrix.h5", folder / "cell_feature_matrix.h5", scaling_factor=10.0
+    )
+    sdata = read_sfe(folder)
+    reference = sc.read_10x_h5(sfe / "cell_feature_matrix.h5", gex_only=False)
+    genes = sdata["cell_expression"]
+    assert genes.var_names.tolist() == reference.var_names.tolist()
+    assert (genes.X != reference.X).nnz == 0 and genes.X.dtype == np.int32
+    protein = sdata["cell_protein"]
+    assert protein.var_names.tolist() == PROTEINS
+    assert (protein.var["feature_types"] == "Protein Expression").all()
+    assert protein.obs["spot_id"].tolist() == reference.obs_names.tolist()
+    assert protein.X.dtype == np.float32
+    np.testing.assert_array_equal(protein.X.toarray(), (stored / 10.0).astype(np.float32))
+    assert protein.uns["protein_scaling_factor"] == 10.0
+    record = get_record(sdata)
+    assert record.metadata.nb_genes == 27
+    assert record.elements["cell_protein"].provenance.parameters["protein_scaling_factor"] == 10.0
+    url = hest_zarr.write(sdata, tmp_path / "sample.zarr")
+    assert hest_zarr.validate(url) == []
+    np.testing.assert_array_equal(hest_zarr.open(url)["cell_protein"].X.toarray(), protein.X.toarray())
+
+
+def test_protein_without_scaling_factor_is_kept_as_stored(sfe: Path, tmp_path: Path) -> None:
+    folder = folder_copy(sfe, tmp_path, skip=("cell_feature_matrix.h5",))
+    stored = write_protein_matrix(
+        sfe / "cell_feature_matrix.h5", folder / "cell_feature_matrix.h5", scaling_factor=None
+    )
+    with pytest.warns(UserWarning, match=r"cell_feature_matrix.h5: 3 protein features but no protein_scaling_factor"):
+        sdata = read_sfe(folder)
+    np.testing.assert_array_equal(sdata["cell_protein"].X.toarray(), stored)
+    assert "protein_scaling_factor" not in sdata["cell_protein"].uns
+    assert get_record(sdata).elements["cell_protein"].provenance.parameters["protein_values"] == "as stored"

@@ -395,7 +395,9 @@ def _write_staged(
 ) -> None:
     """Write every element into a fresh local directory, then consolidate its metadata."""
     SpatialData(attrs=sdata.attrs).write(staging, consolidate_metadata=False)
-    non_raster = SpatialData(shapes=sdata.shapes, points=sdata.points, tables=sdata.tables, attrs=sdata.attrs)
+    non_raster = SpatialData(
+        shapes=sdata.shapes, points=sdata.points, tables=sdata.tables, labels=sdata.labels, attrs=sdata.attrs
+    )
     non_raster.path = staging
     for kind, name, element in sdata.gen_elements():
         _write_element(non_raster, staging, kind, name, element, image_codec, jpeg_quality, chunk_size)

@@ -244,6 +244,8 @@ def test_s3_write_interrupted_midway_is_not_accepted(
     s3fs.S3FileSystem.clear_instance_cache()  # cached instances bound the unpatched method
     with pytest.raises(RemoteUnreachableError, match="simulated network loss"):
         hest_zarr.write(sdata, url, storage_options=s3_server.storage_options)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", original_put_file)
+    s3fs.S3FileSystem.clear_instance_cache()  # the instance made above keeps the patched method
     assert any(path.endswith("tables/spot_expression/X/data/c/0") for path in uploaded)
     with pytest.raises(IncompleteStoreError, match=r"root zarr\.json is missing"):
         hest_zarr.open(url, storage_options=s3_server.storage_options)

@@ -93,12 +93,53 @@ class ChunkReader:
             (*level.chunk_side, level.array.shape[0]), level.array.metadata.fill_value or 0, dtype=level.array.dtype
         )
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hest-zarr-chunks")
+        self._fetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hest-zarr-fetch")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, key: ChunkKey) -> Future[np.ndarray]:
-        return self._pool.submit(self.read, key)
+    def submit_many(self, keys: list[ChunkKey]) -> dict[ChunkKey, Future[np.ndarray]]:
+        """Start fetching and decoding chunks; return one future per chunk.
+
+        Locally each chunk is one task (read + decode). Remotely the objects are fetched together by one
+        concurrent request batch of the filesystem (``fs.cat``, as fast as the server answers), and each is
+        decoded as soon as the batch is in.
+        """
+        if self.level.location.is_local or self._decode is None or not keys:
+            return {key: self._pool.submit(self.read, key) for key in keys}
+        fetched = self._fetch_pool.submit(self._fetch_many, list(keys))
+        return {key: self._pool.submit(self._decode_fetched, fetched, key) for key in keys}
+
+    def _fetch_many(self, keys: list[ChunkKey]) -> dict[ChunkKey, bytes | None]:
+        location = self.level.location
+        paths = {location.join(*self.object_key(key).split("/")): key for key in keys}
+        data: dict[ChunkKey, bytes | None] = {}
+        for attempt in range(self.retries):
+            answers = location.fs.cat(list(paths), on_error="return")
+            failed = {}
+            for path, answer in answers.items():
+                if isinstance(answer, FileNotFoundError):
+                    data[paths[path]] = None
+                elif isinstance(answer, BaseException):
+                    failed[path] = answer
+                else:
+                    data[paths[path]] = answer
+            if not failed:
+                return data
+            if attempt + 1 == self.retries:
+                path, err = next(iter(failed.items()))
+                raise RemoteUnreachableError(
+                    f"{location.url}: chunk {self.object_key(paths[path])} could not be fetched after "
+                    f"{self.retries} attempts ({type(err).__name__}: {err})"
+                ) from err
+            paths = {path: paths[path] for path in failed}
+            time.sleep(0.2 * 2**attempt)
+        return data  # pragma: no cover  (the loop returns or raises)
+
+    def _decode_fetched(self, fetched: Future[dict[ChunkKey, bytes | None]], key: ChunkKey) -> np.ndarray:
+        data = fetched.result()[key]
+        return self._fill if data is None else self._decode_checked(data, key)
 
     def object_key(self, key: ChunkKey) -> str:
         return f"{self.level.path}/c/0/{key[0]}/{key[1]}"
@@ -112,10 +153,11 @@ class ChunkReader:
             padded[: block.shape[1], : block.shape[2]] = block.transpose(1, 2, 0)
             return padded
         data = self._fetch(key)
-        if data is None:
-            return self._fill
+        return self._fill if data is None else self._decode_checked(data, key)
+
+    def _decode_checked(self, data: bytes, key: ChunkKey) -> np.ndarray:
         try:
-            return self._decode(data)
+            return self._decode(data)  # type: ignore[misc]
         except Exception as err:
             where = f"{self.level.location.url}: chunk {self.object_key(key)}"
             raise CorruptStoreError(f"{where} cannot be decoded ({type(err).__name__}: {err})") from err

@@ -349,7 +349,7 @@ def read_patches(
     ``batch.indices`` to place them.
     """
     level = reader.level
-    chunk, shape = level.chunk_side, level.shape
+    chunk, shape, channels = level.chunk_side, level.shape, level.array.shape[0]
     bands = plan_bands(plan, level)
     band_chunks = [
         sorted({key for index in band for key in _window_chunks(plan.origins[index], plan.window, chunk, shape)})
@@ -360,20 +360,16 @@ def read_patches(
     try:
         for number, band in enumerate(bands):
             for ahead in band_chunks[number : number + 1 + prefetch_bands]:
-                for key in ahead:
-                    if key not in decoded and key not in pending:
-                        pending[key] = reader.submit(key)
+                pending.update(reader.submit_many([k for k in ahead if k not in decoded and k not in pending]))
             for key in band_chunks[number]:
                 if key not in decoded:
                     decoded[key] = pending.pop(key).result()
             for offset in range(0, len(band), batch_size):
                 indices = band[offset : offset + batch_size]
-                images = np.stack(
-                    [
-                        _resize(_cut(plan.origins[i], plan.window, decoded, chunk, shape, pad_value), plan.size_px)
-                        for i in indices
-                    ]
-                )
+                images = np.empty((len(indices), plan.size_px, plan.size_px, channels), dtype=np.uint8)
+                for out, index in zip(images, indices, strict=True):
+                    window = _cut(plan.origins[index], plan.window, decoded, chunk, shape, pad_value)
+                    out[...] = _resize(window, plan.size_px)
                 yield PatchBatch(indices, plan.ids[indices], plan.coords[indices], images)
             if number + 1 < len(bands):
                 next_row = min(key[0] for key in band_chunks[number + 1])

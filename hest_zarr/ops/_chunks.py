@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cv2
 import imagecodecs
 import numpy as np
 import zarr
@@ -58,7 +59,8 @@ def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
 
         def decode_zstd(data: bytes) -> np.ndarray:
             planes = np.frombuffer(imagecodecs.zstd_decode(data), dtype=np.uint8).reshape(channels, height, width)
-            return planes.transpose(1, 2, 0)
+            # interleave once per chunk (OpenCV, GIL released) so every cut from it is a contiguous copy
+            return cv2.merge(list(planes)) if channels > 1 else planes[0][..., None]
 
         return decode_zstd
     if names == ["transpose", "numcodecs.imagecodecs_jpeg"] and tuple(metadata.codecs[0].order) == (1, 2, 0):

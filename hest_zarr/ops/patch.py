@@ -301,11 +301,13 @@ def _cut(
     chunk: tuple[int, int],
     shape: tuple[int, int],
     pad_value: int,
+    out: np.ndarray,
 ) -> np.ndarray:
+    """Copy the window at ``origin`` from the decoded chunks into ``out`` (``window x window x c``)."""
     x0, y0 = int(origin[0]), int(origin[1])
-    channels = next(iter(chunks.values())).shape[2]
-    out = np.full((window, window, channels), pad_value, dtype=np.uint8)
     height, width = shape
+    if x0 < 0 or y0 < 0 or x0 + window > width or y0 + window > height:
+        out[...] = pad_value
     for row, column in _window_chunks(origin, window, chunk, shape):
         top, left = row * chunk[0], column * chunk[1]
         ya, yb = max(y0, top), min(y0 + window, top + chunk[0], height)
@@ -339,7 +341,7 @@ def read_patches(
     plan: PatchPlan,
     reader: ChunkReader,
     *,
-    batch_size: int = 256,
+    batch_size: int = 64,
     pad_value: int = 255,
     prefetch_bands: int = 2,
 ) -> Iterator[PatchBatch]:
@@ -351,6 +353,7 @@ def read_patches(
     level = reader.level
     chunk, shape, channels = level.chunk_side, level.shape, level.array.shape[0]
     bands = plan_bands(plan, level)
+    coords = plan.coords
     band_chunks = [
         sorted({key for index in band for key in _window_chunks(plan.origins[index], plan.window, chunk, shape)})
         for band in bands
@@ -368,9 +371,15 @@ def read_patches(
                 indices = band[offset : offset + batch_size]
                 images = np.empty((len(indices), plan.size_px, plan.size_px, channels), dtype=np.uint8)
                 for out, index in zip(images, indices, strict=True):
-                    window = _cut(plan.origins[index], plan.window, decoded, chunk, shape, pad_value)
-                    out[...] = _resize(window, plan.size_px)
-                yield PatchBatch(indices, plan.ids[indices], plan.coords[indices], images)
+                    if plan.window == plan.size_px:
+                        _cut(plan.origins[index], plan.window, decoded, chunk, shape, pad_value, out)
+                    else:
+                        window = np.empty((plan.window, plan.window, channels), np.uint8)
+                        out[...] = _resize(
+                            _cut(plan.origins[index], plan.window, decoded, chunk, shape, pad_value, window),
+                            plan.size_px,
+                        )
+                yield PatchBatch(indices, plan.ids[indices], coords[indices], images)
             if number + 1 < len(bands):
                 next_row = min(key[0] for key in band_chunks[number + 1])
                 for key in [key for key in decoded if key[0] < next_row]:

@@ -403,7 +403,7 @@ def extract_patches(
     pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
     in_tissue_only: bool = False,
     allow_upsample: bool = True,
-    batch_size: int = 256,
+    batch_size: int = 64,
     pad_value: int = 255,
     workers: int | None = None,
     storage_options: StorageOptions = None,

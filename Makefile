@@ -10,7 +10,7 @@ install-test:
 	$(PIP) install -q -e ".[test]"
 
 demo: install
-	$(PYTHON) -m hest_zarr demo demo_output/visium_demo.zarr
+	$(PYTHON) -m hest_zarr demo demo_output/mob1.zarr
 
 test: install-test
 	$(PYTHON) -m pytest -q

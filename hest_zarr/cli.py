@@ -262,18 +262,21 @@ def patch(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Argument(help="Where to write the demo store.")] = Path(
-        "demo_output/visium_demo.zarr"
-    ),
+    output: Annotated[Path, typer.Argument(help="Where to write the demo store.")] = Path("demo_output/mob1.zarr"),
 ) -> None:
-    """Convert the bundled real Visium sample, reopen it and print its summary."""
+    """Convert the bundled real ST v1 section (MOB1), patch it and print a summary."""
     from hest_zarr.demo import demo_sample_path, run_demo
 
-    console.print(f"converting bundled sample {demo_sample_path()} (scanpy test data, BSD-3)")
+    console.print(f"converting bundled sample {demo_sample_path()} (ST v1 MOB1, STUtility, MIT)")
     with _clear_errors():
         summary = run_demo(output)
-    _print_summary(summary)
+    _print_summary(summary["store"])
     console.print("store validates; opens with spatialdata.read_zarr and hest_zarr.open")
+    patches = summary["patches"]
+    console.print(
+        f"wrote {patches['n']} patches {patches['shape'][1]} x {patches['shape'][2]} px "
+        f"({patches['field_um']:.0f} um at {patches['pixel_size_um']:.3f} um/px) to {patches['url']}"
+    )
 
 
 @app.command("export-schemas")

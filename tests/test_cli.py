@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import scanpy as sc
 from typer.testing import CliRunner
 
 import hest_zarr
@@ -61,13 +60,20 @@ def test_validate_exit_codes_and_one_line_errors(scanpy_visium: Path, perik_visi
         assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_demo_converts_the_bundled_sample(tmp_path: Path) -> None:
+def test_demo_converts_and_patches_the_bundled_sample(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from hest_zarr.ops.patch import open_patches
+
     result = runner.invoke(app, ["demo", str(tmp_path / "demo.zarr")])
     assert result.exit_code == 0, result.output
-    assert "spot_expression" in result.stdout and "100 obs x 100 vars" in result.stdout
+    assert "spot_expression" in result.stdout and "1934 obs x 1000 vars" in result.stdout
+    assert "wrote 1934 patches 26 x 26 px (114 um at 4.385 um/px)" in result.stdout
     table = hest_zarr.open(tmp_path / "demo.zarr")["spot_expression"]
-    reference = sc.read_10x_h5(demo_sample_path() / "filtered_feature_bc_matrix.h5")
-    assert (table.X != reference.X.astype("int32")).nnz == 0
+    reference = pd.read_csv(demo_sample_path() / "MOB1.tsv.gz", sep="\t", index_col=0)
+    assert int(table.X.sum()) == int(reference.to_numpy().sum())
+    patches = open_patches(tmp_path / "demo.zarr.patches.zarr")
+    assert patches.img.shape == (1934, 26, 26, 3) and sorted(patches.barcode) == sorted(table.obs["spot_id"])
 
 
 def test_wrong_schema_version_and_unreachable_url_are_one_line(scanpy_visium: Path, tmp_path: Path) -> None:

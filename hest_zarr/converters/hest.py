@@ -11,8 +11,9 @@ A HEST-1k download holds, per sample id ``ID`` (layout described in the HEST-1k 
 - ``transcripts/ID_transcripts.parquet``: Xenium molecules with H&E pixel columns ``he_x, he_y``;
 - ``xenium_seg/ID_xenium_cell_seg.parquet`` / ``ID_xenium_nucleus_seg.parquet`` (or ``.geojson.zip``): the Xenium
   cell and nucleus polygons in H&E pixels (see :func:`xenium_seg_paths`);
-- ``patches/ID.h5``: 224 px patches around spots (derived data: not imported; export it from a store
-  with the patching operator).
+- ``patches/ID.h5``: 224 px patches around spots at 0.5 um/px (derived data: :func:`read_hest` does not
+  import them; :func:`hest_zarr.ops.patch.import_hest_h5` turns the file into a patch store, and
+  ``export_hest(..., patches=True)`` cuts them from a store).
 
 The pixel size comes from the metadata's ``pixel_size_um_estimated``, never from the TIFF's resolution
 tags, which the HEST release wrote 10x off (px/cm read as px/mm).
@@ -489,6 +490,9 @@ def export_hest(
     sample_id: str | None = None,
     storage_options: dict[str, Any] | None = None,
     jpeg_quality: int | None = 90,
+    patches: bool = False,
+    patch_size_px: int = 224,
+    patch_pixel_size_um: float = 0.5,
 ) -> dict[str, Path]:
     """Export a sample store to the HEST-1k layout (``st/``, ``wsis/``, ``metadata/``, ``tissue_seg/``...).
 
@@ -507,6 +511,10 @@ def export_hest(
         fsspec options for a remote store.
     jpeg_quality
         JPEG quality of the WSI tiles, or ``None`` for lossless.
+    patches
+        Also cut a patch around every spot into ``patches/ID.h5`` (HEST's ``img``, ``coords``, ``barcode``).
+    patch_size_px, patch_pixel_size_um
+        The patches' side and resolution (HEST: 224 px at 0.5 um/px).
 
     Returns
     -------
@@ -575,4 +583,18 @@ def export_hest(
         contours.to_file(paths["tissue"], driver="GeoJSON")
         written["tissue"] = paths["tissue"]
     written.update(write_xenium_seg(sdata, root, sample_id, to_image))
+    if patches:
+        from hest_zarr.ops.patch import export_hest_h5, write_patches
+
+        paths["patches"].parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hest-zarr-patches-") as tmp:
+            patch_store = write_patches(
+                url,
+                Path(tmp) / "patches.zarr",
+                size_px=patch_size_px,
+                pixel_size_um=patch_pixel_size_um,
+                storage_options=storage_options,
+                progress=False,
+            )
+            written["patches"] = export_hest_h5(patch_store, paths["patches"])
     return written

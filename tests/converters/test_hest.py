@@ -125,6 +125,24 @@ def test_store_exports_to_hest_and_imports_back(perik_visium: Path, tmp_path: Pa
         assert tif.pages[0].tags["ResolutionUnit"].value == 3  # centimetre, as the tag values are px/cm
 
 
+def test_patches_export_to_hest_h5_and_import_as_a_patch_store(perik_visium: Path, tmp_path: Path) -> None:
+    from hest_zarr.ops.patch import extract_patches, import_hest_h5, open_patches, read_hest_h5
+
+    url = hest_zarr.write(read_visium(perik_visium, sample_id="PERIK"), tmp_path / "perik.zarr")
+    lowres_um = hest_zarr.get_record(hest_zarr.open(url)).pixel_size_um / 0.2
+    written = export_hest(url, tmp_path / "hest", patches=True, patch_size_px=12, patch_pixel_size_um=lowres_um)
+    assert written["patches"] == tmp_path / "hest" / "patches" / "PERIK.h5"
+    images, coords, barcodes = read_hest_h5(written["patches"])
+    assert images.shape == (2898, 12, 12, 3) and len(set(barcodes)) == 2898
+    _, batches = extract_patches(url, size_px=12, pixel_size_um=lowres_um)
+    direct = {spot: pixels for batch in batches for spot, pixels in zip(batch.ids, batch.images, strict=True)}
+    for spot, pixels in zip(barcodes, images, strict=True):
+        np.testing.assert_array_equal(pixels, direct[spot])
+    imported = open_patches(import_hest_h5(written["patches"], tmp_path / "PERIK_patches.zarr"))
+    assert list(imported.barcode) == list(barcodes)
+    np.testing.assert_array_equal(imported.coords, coords)
+
+
 def test_bad_hest_folders(mob1_hest, tmp_path: Path) -> None:
     root, *_ = mob1_hest
     with pytest.raises(InputError, match=r"metadata/MOB2.json: no such file"):

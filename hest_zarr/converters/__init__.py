@@ -74,6 +74,8 @@ def detect_technology(path: str | Path) -> Technology:
         return "visium-hd"
     if names & {"transcripts.parquet", "transcripts.csv.gz", "transcripts.zarr.zip"}:
         return "xenium"
+    if names & {"cell_feature_matrix.h5", "cell_feature_matrix"} and names & {"cells.parquet", "cells.csv.gz"}:
+        return "xenium"  # a minimal Xenium bundle (e.g. SpatialExperimentIO's Xenium_small): matrix and cell summary
     if {"st", "metadata"} <= names:
         return "hest"
     if "spatial" in names:

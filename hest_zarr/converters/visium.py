@@ -93,14 +93,110 @@ def read_counts(path: Path) -> AnnData:
         if path.is_dir():
             adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=True, gex_only=False)
         else:
-            adata = sc.read_10x_h5(path, gex_only=False)
+            try:
+                adata = sc.read_10x_h5(path, gex_only=False)
+            except Exception:  # e.g. float indptr/shape written by R's rhdf5; the direct reader says what is wrong
+                adata = read_10x_h5_arrays(path)
             adata.var_names_make_unique()
+    except InputError:
+        raise
     except FileNotFoundError as err:
         raise InputError(f"{path}: incomplete matrix ({err})") from err
     except Exception as err:  # h5py raises OSError/KeyError, scanpy ValueError on damaged files
         raise InputError(f"{path}: not a readable 10x feature-barcode matrix ({type(err).__name__}: {err})") from err
     adata.X = integer_counts(adata.X, str(path))
     return adata
+
+
+def read_10x_h5_arrays(path: Path) -> AnnData:
+    """Read a 10x feature-barcode h5 (the ``matrix/`` layout of Cell Ranger >= 3) directly with h5py.
+
+    The fallback of :func:`read_counts` for files scanpy cannot read, such as those written by R's rhdf5
+    (SpatialExperimentIO, DropletUtils): their ``shape``, ``indptr``, ``indices`` and ``data`` may be float64, and
+    are accepted where every value is an exact integer (the counts are raw counts). The matrix is features x
+    barcodes CSC: ``shape = (n_features, n_barcodes)``, ``indptr`` has ``n_barcodes + 1`` entries and ``indices``
+    are feature rows; those same arrays are the barcodes x features CSR that is returned. ``obs`` is indexed by
+    ``barcodes``; ``var`` by ``features/name``, with ``gene_ids`` (``id``), ``feature_types`` (``feature_type``) and
+    every other ``features/`` dataset but ``_all_tag_keys`` (``genome``...), as scanpy names them; groups under
+    ``features/`` (``target_sets``) are not read.
+
+    Raises
+    ------
+    InputError
+        Not a readable HDF5 file (truncated), a missing dataset, a non-integral value, or lengths that disagree with
+        ``matrix/shape``; the message names the file and the dataset.
+
+    Examples
+    --------
+    >>> read_10x_h5_arrays(Path("Xenium_small/cell_feature_matrix.h5")).shape  # doctest: +SKIP
+    (6, 4)
+
+    """
+    import h5py
+
+    def problem(detail: str) -> InputError:
+        return InputError(f"{path}: not a readable 10x feature-barcode matrix ({detail})")
+
+    def dataset(h5: h5py.File, key: str) -> np.ndarray:
+        node = h5.get(key)
+        if not isinstance(node, h5py.Dataset):
+            raise problem(f"no '{key}' dataset (expected the Cell Ranger >= 3 layout)")
+        try:
+            is_text = h5py.check_string_dtype(node.dtype) is not None
+            return np.asarray(node.asstr("utf-8")[()] if is_text else node[()])
+        except (OSError, UnicodeDecodeError) as err:
+            raise problem(f"'{key}' cannot be read: {err}") from err
+
+    def exact_integers(key: str, values: np.ndarray) -> np.ndarray:
+        if np.issubdtype(values.dtype, np.integer):
+            return values.astype(np.int64)
+        if not np.issubdtype(values.dtype, np.floating):
+            raise problem(f"'{key}' must hold integers, found {values.dtype}")
+        inexact = ~np.isfinite(values) | (values != np.round(values))
+        if inexact.any():
+            at = int(np.argmax(inexact))
+            raise problem(f"'{key}' must hold integers, found {values[at].item()!r} at position {at}")
+        return values.astype(np.int64)
+
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise problem(f"not a readable HDF5 file: {err}") from err
+    with h5:
+        shape, indptr, indices, data = (
+            exact_integers(key, dataset(h5, key))
+            for key in ("matrix/shape", "matrix/indptr", "matrix/indices", "matrix/data")
+        )
+        barcodes = dataset(h5, "matrix/barcodes")
+        renamed = {"name": "name", "id": "gene_ids", "feature_type": "feature_types"}
+        for tag, node in h5.get("matrix/features", {}).items():
+            if isinstance(node, h5py.Dataset) and tag not in renamed and tag != "_all_tag_keys":
+                renamed[tag] = tag
+        features = {column: dataset(h5, f"matrix/features/{key}") for key, column in renamed.items()}
+    if shape.shape != (2,):
+        raise problem(f"'matrix/shape' must be (n_features, n_barcodes), found {shape.tolist()}")
+    n_features, n_barcodes = (int(n) for n in shape)
+    if len(indptr) != n_barcodes + 1 or indptr[0] != 0 or indptr[-1] != len(data) or (np.diff(indptr) < 0).any():
+        raise problem(
+            f"'matrix/indptr' must rise from 0 to the {len(data)} values of 'matrix/data' in n_barcodes + 1 = "
+            f"{n_barcodes + 1} entries ('matrix/shape' {shape.tolist()} is features x barcodes); found {len(indptr)} "
+            f"entries from {indptr[0] if len(indptr) else None} to {indptr[-1] if len(indptr) else None}"
+        )
+    if len(indices) != len(data) or (len(indices) and (indices.min() < 0 or indices.max() >= n_features)):
+        raise problem(
+            f"'matrix/indices' must hold one feature row in 0-{n_features - 1} per value of 'matrix/data' "
+            f"({len(data)}); found {len(indices)} rows"
+            + (f" in {indices.min()}-{indices.max()}" if len(indices) else "")
+        )
+    lengths = {"matrix/barcodes": (len(barcodes), n_barcodes)}
+    lengths.update({f"matrix/features/{key}": (len(features[column]), n_features) for key, column in renamed.items()})
+    for key, (found, expected) in lengths.items():
+        if found != expected:
+            raise problem(f"'{key}' has {found} entries, 'matrix/shape' {shape.tolist()} says {expected}")
+    names = features.pop("name")
+    var = pd.DataFrame(features, index=names)
+    matrix = sparse.csr_matrix((data, indices, indptr), shape=(n_barcodes, n_features))
+    return AnnData(X=matrix, obs=pd.DataFrame(index=pd.Index(barcodes, dtype=str)), var=var)
 
 
 def read_plain_mex(path: Path) -> AnnData:

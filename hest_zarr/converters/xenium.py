@@ -13,7 +13,9 @@ What is read, and how:
   files carry a ``label_id`` per nucleus) keep one polygon per nucleus, indexed ``<cell_id>_<k>``, with the
   owning cell in a ``cell_id`` column.
 - ``cell_feature_matrix.h5`` (or the ``cell_feature_matrix/`` MEX folder): the ``cell_expression`` table, read
-  by the same scanpy reader as Visium (``read_10x_h5(gex_only=False)``), raw integer counts of every feature;
+  by the same reader as Visium (scanpy's ``read_10x_h5(gex_only=False)``, else, for files scanpy cannot read such
+  as R-written ones with float ``indptr``/``shape``, h5py directly:
+  :func:`hest_zarr.converters.visium.read_10x_h5_arrays`), raw integer counts of every feature;
   ``var['is_control']`` flags negative-control probes/codewords, unassigned/deprecated codewords, genomic
   controls and ``BLANK_`` features. The columns of ``cells.parquet`` (centroids, counts, areas) join ``obs``.
   Xenium Protein features (``feature_types == "Protein Expression"``, XOA >= 4) go to the ``cell_protein`` table
@@ -25,6 +27,11 @@ What is read, and how:
   ``morphology_focus/ch0000_dapi.ome.tif`` (XOA 4), else ``morphology_mip.ome.tif``, else the z-stack
   ``morphology.ome.tif`` (projected by its maximum): the ``dapi`` image, channel ``DAPI``, lazily through
   tifffile's zarr view (only the tiles a computation touches are decoded).
+- A minimal bundle (e.g. SpatialExperimentIO's ``Xenium_small``: the matrix and ``cells.csv.gz`` only) converts
+  too: transcripts, boundaries and images are optional. Without cell boundaries, ``cells`` are circles at the cell
+  summary's ``x_centroid, y_centroid`` (um) with the radius of the cell's area, ``sqrt(cell_area / pi)``
+  (:func:`centroid_circles`, provenance method ``centroid_circles``). The optional inputs a folder lacks are listed
+  in every element's provenance (``absent_inputs``).
 - ``experiment.xenium``: the pixel size (``pixel_size``, um per morphology pixel) and the panel, organism,
   preservation and software version, recorded in the provenance. Without it Xenium's 0.2125 um/px is used
   and a note says so.
@@ -144,6 +151,12 @@ EXPERIMENT_KEYS = (
 _ORGANISMS = {"human": "Homo sapiens", "mouse": "Mus musculus"}
 _PRESERVATION = {"fresh_frozen": "Fresh Frozen", "ff": "Fresh Frozen", "fresh frozen": "Fresh Frozen", "ffpe": "FFPE"}
 MORPHOLOGY_CHUNK_PX = 1024
+#: Provenance method of ``cells`` drawn from the cell summary (a bundle without cell boundaries).
+CENTROID_CIRCLES = "centroid_circles"
+CENTROID_CIRCLES_NOTE = (
+    "no cell boundaries: each cell is a circle at its x_centroid, y_centroid (um) of the cell summary, of radius "
+    "sqrt(cell_area / pi) (the circle of the cell's area)"
+)
 CSV_PARTITION_ROWS = 1_000_000
 
 
@@ -640,6 +653,59 @@ def read_cells(path: str | Path) -> pd.DataFrame:
     return cells
 
 
+def centroid_circles(path: str | Path, cells: pd.DataFrame, *, frame: XeniumFrame | None = None) -> GeoDataFrame:
+    """Return the ``cells`` element of a bundle without boundaries: circles at the cell summary's centroids.
+
+    Each cell of ``cells`` (as :func:`read_cells` returns it, in its order) becomes a circle centred on
+    ``x_centroid, y_centroid`` (micrometres) whose area is the cell's ``cell_area`` (um2): radius
+    ``sqrt(cell_area / pi)``. The shape is an approximation; the centre is Xenium's own centroid.
+
+    Raises
+    ------
+    InputError
+        A missing centroid or area column, or a cell with a non-finite centroid or a non-positive area.
+
+    Examples
+    --------
+    >>> cells = pd.DataFrame({"x_centroid": [10.0], "y_centroid": [4.0], "cell_area": [np.pi * 9]}, index=["a-1"])
+    >>> circle = centroid_circles("cells.csv.gz", cells)
+    >>> circle.geometry.x.tolist(), circle["radius"].tolist()
+    ([10.0], [3.0])
+
+    """
+    path = Path(path)
+    columns = (XeniumKeys.CELL_X.value, XeniumKeys.CELL_Y.value, XeniumKeys.CELL_AREA.value)
+    _require_columns(path, list(cells.columns), columns, "cell centroids and areas, to draw cells without boundaries")
+    x, y, area = (pd.to_numeric(cells[column], errors="coerce").to_numpy(np.float64) for column in columns)
+    unusable = ~(np.isfinite(x) & np.isfinite(y) & np.isfinite(area) & (area > 0))
+    if unusable.any():
+        raise InputError(
+            f"{path}: {int(unusable.sum())} cell(s) without a finite centroid and a positive cell_area (e.g. "
+            f"{cells.index[unusable][0]!r}); cells without boundaries are drawn from both"
+        )
+    frame = frame if frame is not None else XeniumFrame.morphology(DEFAULT_PIXEL_SIZE_UM)
+    circles = GeoDataFrame(
+        {"source": pd.Categorical([SOURCE] * len(cells)), "radius": np.sqrt(area / np.pi)},
+        geometry=shapely.points(np.column_stack([x, y])),
+        index=pd.Index(cells.index.astype(str), name=CELL_ID),
+    )
+    return ShapesModel.parse(circles, transformations=frame.micrometre_transformations())
+
+
+def _absent_inputs(
+    transcripts: Path | None, boundaries: Path | None, nuclei: Path | None, morphology: Path | None
+) -> dict[str, list[str]]:
+    """Provenance entry naming the optional inputs a folder lacks (a minimal bundle); empty when it has them all."""
+    optional = {
+        "transcripts": (transcripts, TRANSCRIPTS_CANDIDATES),
+        "cell boundaries": (boundaries, CELL_BOUNDARIES_CANDIDATES),
+        "nucleus boundaries": (nuclei, NUCLEUS_BOUNDARIES_CANDIDATES),
+        "morphology image": (morphology, MORPHOLOGY_CANDIDATES),
+    }
+    absent = [f"{what} ({' or '.join(names)})" for what, (found, names) in optional.items() if found is None]
+    return {"absent_inputs": absent} if absent else {}
+
+
 def is_control_feature(names: pd.Index, feature_types: pd.Series | None = None) -> np.ndarray:
     """Flag control features: negative-control probes and codewords, unassigned/deprecated codewords, BLANK_.
 
@@ -658,7 +724,8 @@ def is_control_feature(names: pd.Index, feature_types: pd.Series | None = None) 
 def read_cell_feature_matrix(path: str | Path) -> AnnData:
     """Read ``cell_feature_matrix.h5`` (or its MEX folder): every feature, raw integer counts, controls flagged.
 
-    The reader is scanpy's (``read_10x_h5(gex_only=False)``, as for Visium); ``var`` keeps ``gene_ids``,
+    The reader is Visium's (:func:`~hest_zarr.converters.visium.read_counts`: scanpy's ``read_10x_h5(gex_only=False)``,
+    else h5py directly for R-written files with float arrays); ``var`` keeps ``gene_ids``,
     ``feature_types`` and ``genome`` and gains a boolean ``is_control``.
 
     Raises
@@ -1115,7 +1182,7 @@ def _cell_table(
     missing = ids.difference(cells.index)
     if len(missing):
         raise InputError(
-            f"{counts_path}: {len(missing)} of the {len(ids)} cells have no polygon in {cells_path.name} "
+            f"{counts_path}: {len(missing)} of the {len(ids)} cells are not among the cells of {cells_path.name} "
             f"(e.g. {missing[0]!r}); files from different runs?"
         )
     obs_columns: dict[str, Any] = {}
@@ -1148,7 +1215,8 @@ def read_xenium(
     Parameters
     ----------
     path
-        The Xenium output folder (``transcripts``, ``cell_boundaries``, ``cell_feature_matrix.h5``...).
+        The Xenium output folder (``transcripts``, ``cell_boundaries``, ``cell_feature_matrix.h5``...). Only the
+        matrix and the cell boundaries or the cell summary (``cells.parquet`` / ``cells.csv.gz``) are required.
     he_image
         The H&E: a slide file (any format :func:`~hest_zarr.converters.slides.slide_image` reads) or a
         ``(3, y, x)`` uint8 array. Requires ``alignment``; ``global`` is then the H&E's pixels.
@@ -1165,7 +1233,8 @@ def read_xenium(
 
     Returns
     -------
-    The sample: ``transcripts`` (points, um), ``cells`` and ``nuclei`` (polygons, um), ``cell_expression``
+    The sample: ``transcripts`` (points, um), ``cells`` and ``nuclei`` (polygons, um; without boundary files,
+    ``cells`` are circles at the cell summary's centroids, see :func:`centroid_circles`), ``cell_expression``
     (raw counts of genes and controls annotating ``cells``), ``dapi`` when a morphology image exists, ``he`` when
     given. With Xenium Protein features, ``cell_protein`` (float intensities, the h5's ``protein_scaling_factor``
     divided out, annotating ``cells``). With ``cells.zarr.zip``, ``nucleus_labels`` and ``cell_labels`` (label
@@ -1175,9 +1244,10 @@ def read_xenium(
     Raises
     ------
     InputError
-        A missing or unreadable required file (transcripts, cell boundaries, cell-feature matrix), an H&E without
+        A missing or unreadable required file (cell-feature matrix; cell boundaries or, without them, a cell summary
+        with centroids and areas), an unreadable optional file (transcripts, nucleus boundaries...), an H&E without
         alignment (or the reverse), a bad alignment, an alignment that puts no cell on the H&E, counts whose
-        cells have no polygon, an unreadable ``cells.zarr.zip`` or one whose labels name cells without a polygon.
+        cells are not in ``cells``, an unreadable ``cells.zarr.zip`` or one whose labels name cells not in ``cells``.
 
     Examples
     --------
@@ -1192,12 +1262,18 @@ def read_xenium(
         given, lacking = ("he_image", "alignment") if alignment is None else ("alignment", "he_image")
         raise InputError(f"{root}: {given} given without {lacking}; an H&E is placed on Xenium only by its alignment")
     experiment = read_experiment(root)
-    transcripts_path = _first_existing(root, TRANSCRIPTS_CANDIDATES, "transcripts")
-    cells_path = _first_existing(root, CELL_BOUNDARIES_CANDIDATES, "cell boundaries")
+    transcripts_path = _first_or_none(root, TRANSCRIPTS_CANDIDATES)
+    boundaries_path = _first_or_none(root, CELL_BOUNDARIES_CANDIDATES)
     counts_path = _first_existing(root, COUNTS_CANDIDATES, "cell-feature matrix")
     nuclei_path = _first_or_none(root, NUCLEUS_BOUNDARIES_CANDIDATES)
     summary_path = _first_or_none(root, CELLS_CANDIDATES)
+    if boundaries_path is None and summary_path is None:
+        raise InputError(
+            f"{root}: no cell boundaries nor cell summary found (expected one of "
+            f"{', '.join(CELL_BOUNDARIES_CANDIDATES + CELLS_CANDIDATES)})"
+        )
     morphology_path = _morphology_path(root, experiment)
+    absent = _absent_inputs(transcripts_path, boundaries_path, nuclei_path, morphology_path)
     frame = XeniumFrame.morphology(experiment.pixel_size_um)
     aligned = he = None
     measured: dict[str, Any] = {
@@ -1213,20 +1289,29 @@ def read_xenium(
         measured.update(he_measured, pixel_size_um_estimated=frame.pixel_size_um)
 
     experiment_inputs = [experiment.source] if experiment.source else []
-    cells = read_boundaries(cells_path, frame=frame)
+    summary = (summary_path, read_cells(summary_path)) if summary_path is not None else None
+    methods: dict[str, str] = {}
+    if boundaries_path is not None:
+        cells_path, cells = boundaries_path, read_boundaries(boundaries_path, frame=frame)
+    else:
+        cells_path, cells = summary_path, centroid_circles(*summary, frame=frame)
+        methods[Elements.CELLS] = CENTROID_CIRCLES
     shapes = {Elements.CELLS: cells}
     inputs: dict[str, list[str]] = {Elements.CELLS: [str(cells_path), *experiment_inputs]}
     if nuclei_path is not None:
         shapes[Elements.NUCLEI] = read_boundaries(nuclei_path, frame=frame)
         inputs[Elements.NUCLEI] = [str(nuclei_path), *experiment_inputs]
-    points = {Elements.TRANSCRIPTS: read_transcripts(transcripts_path, frame=frame)}
-    inputs[Elements.TRANSCRIPTS] = [str(transcripts_path), *experiment_inputs]
+    points = {}
+    if transcripts_path is not None:
+        points[Elements.TRANSCRIPTS] = read_transcripts(transcripts_path, frame=frame)
+        inputs[Elements.TRANSCRIPTS] = [str(transcripts_path), *experiment_inputs]
     counts, protein = split_protein_features(read_cell_feature_matrix(counts_path))
     measured["nb_genes"] = int((~counts.var["is_control"]).sum())
-    summary = (summary_path, read_cells(summary_path)) if summary_path is not None else None
     tables = {Elements.CELL_EXPRESSION: _cell_table(counts, counts_path, cells, cells_path, summary)}
     inputs[Elements.CELL_EXPRESSION] = [str(counts_path)] + ([str(summary_path)] if summary_path else [])
-    parameters = {name: experiment.provenance() for name in [*shapes, *points, *tables]}
+    parameters = {name: {**experiment.provenance(), **absent} for name in [*shapes, *points, *tables]}
+    if boundaries_path is None:
+        parameters[Elements.CELLS]["cell_geometry"] = CENTROID_CIRCLES_NOTE
     if protein is not None:
         tables[CELL_PROTEIN], parameters[CELL_PROTEIN] = _protein(protein, counts_path, experiment)
         inputs[CELL_PROTEIN] = [str(counts_path)]
@@ -1253,7 +1338,6 @@ def read_xenium(
         )
         parameters[Elements.DAPI] = {**experiment.provenance(), "covers_cells": covers}
 
-    methods: dict[str, str] = {}
     if aligned is not None and he is not None:
         for name in (*shapes, *points, *images, *added_later["labels"]):
             methods[name] = aligned.method
@@ -1317,7 +1401,7 @@ def _check_label_cells(masks: XeniumMasks, cells: GeoDataFrame, cells_path: Path
     unknown = pd.Index(masks.label_cell_ids[CELL_ID].unique()).difference(cells.index)
     if len(unknown):
         raise InputError(
-            f"{masks.source}: {len(unknown)} cell id(s) of its labels have no polygon in {cells_path.name} "
+            f"{masks.source}: {len(unknown)} cell id(s) of its labels are not among the cells of {cells_path.name} "
             f"(e.g. {unknown[0]!r}); files from different runs?"
         )
 

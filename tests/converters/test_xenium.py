@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -406,28 +407,6 @@ def test_keypoints_error_is_recorded_in_the_sample(sfe: Path, tmp_path: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def test_missing_transcripts_file() -> None:
-    """The real SpatialExperimentIO Xenium_small export holds only cells.csv.gz and the matrix."""
-    folder = shared("SpatialExperimentIO", "Xenium_small")
-    with pytest.raises(
-        InputError,
-        match=r"Xenium_small: no transcripts found \(expected one of transcripts.parquet, transcripts.csv.gz\)",
-    ):
-        read_xenium(folder)
-
-
-def test_xenium_small_files() -> None:
-    """Its h5 was written by R with float shape and indices, which scanpy (the reference reader) cannot read."""
-    folder = shared("SpatialExperimentIO", "Xenium_small")
-    cells = read_cells(folder / "cells.csv.gz")
-    raw = pd.read_csv(folder / "cells.csv.gz")
-    assert cells.index.tolist() == raw["cell_id"].astype(str).tolist() == ["1", "2", "3", "4", "5", "6"]
-    assert cells["transcript_counts"].tolist() == raw["transcript_counts"].tolist()
-    assert not any(c.startswith("Unnamed") for c in cells.columns)
-    with pytest.raises(InputError, match=r"cell_feature_matrix.h5: not a readable 10x feature-barcode matrix"):
-        read_cell_feature_matrix(folder / "cell_feature_matrix.h5")
-
-
 def test_truncated_transcripts_parquet(sfe: Path, tmp_path: Path) -> None:
     folder = folder_copy(sfe, tmp_path, skip=("transcripts.parquet",))
     data = (sfe / "transcripts.parquet").read_bytes()
@@ -745,3 +724,174 @@ def test_protein_without_scaling_factor_is_kept_as_stored(sfe: Path, tmp_path: P
     np.testing.assert_array_equal(sdata["cell_protein"].X.toarray(), stored)
     assert "protein_scaling_factor" not in sdata["cell_protein"].uns
     assert get_record(sdata).elements["cell_protein"].provenance.parameters["protein_values"] == "as stored"
+
+
+# ----------------------------------------------------------------------------------------------- minimal bundle
+XENIUM_SMALL_CELLS = ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.fixture
+def xenium_small() -> Path:
+    """The real SpatialExperimentIO Xenium_small export: cell_feature_matrix.h5 (written by R's rhdf5, float
+    shape/indptr/indices/data) and cells.csv.gz; no transcripts, boundaries or images."""
+    return shared("SpatialExperimentIO", "Xenium_small")
+
+
+def h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as h5:
+        return {key: h5[f"matrix/{key}"][()] for key in ("data", "indices", "indptr", "shape", "barcodes")} | {
+            "names": h5["matrix/features/name"][()]
+        }
+
+
+def test_xenium_small_counts_equal_the_h5(xenium_small: Path) -> None:
+    """Every one of the 15 stored values of the features x barcodes CSC lands in its (barcode, feature) cell."""
+    raw = h5_arrays(xenium_small / "cell_feature_matrix.h5")
+    assert raw["indices"].dtype == raw["indptr"].dtype == raw["shape"].dtype == np.float64
+    assert raw["shape"].tolist() == [4.0, 6.0] and len(raw["indptr"]) == 7 and len(raw["data"]) == 15
+    expected = np.zeros((6, 4), dtype=np.int64)  # barcodes x features
+    stored = []
+    for barcode in range(6):
+        for k in range(int(raw["indptr"][barcode]), int(raw["indptr"][barcode + 1])):
+            expected[barcode, int(raw["indices"][k])] = int(raw["data"][k])
+            stored.append((barcode, int(raw["indices"][k]), int(raw["data"][k])))
+    assert len(stored) == 15 and sum(value == 0 for *_, value in stored) == 3  # three explicit zeros
+
+    sdata = read_xenium(xenium_small)
+    table = sdata["cell_expression"]
+    assert table.shape == (6, 4)
+    assert table.X.dtype == np.int32
+    np.testing.assert_array_equal(table.X.toarray(), expected)
+    assert [int(table.X[barcode, feature]) for barcode, feature, _ in stored] == [value for *_, value in stored]
+    assert int(table.X.sum()) == int(raw["data"].sum()) == 21
+    assert table.var_names.tolist() == [name.decode() for name in raw["names"]] == ["ABCC11", "ACTA2", "ACTG2", "ADAM9"]
+    assert table.var["gene_ids"].tolist()[0] == "ENSG00000121270"
+    assert not table.var["is_control"].any()
+    cells_csv = pd.read_csv(xenium_small / "cells.csv.gz")
+    barcodes = [barcode.decode() for barcode in raw["barcodes"]]
+    assert table.obs["spot_id"].tolist() == barcodes == cells_csv["cell_id"].astype(str).tolist() == XENIUM_SMALL_CELLS
+    np.testing.assert_array_equal(table.obs["transcript_counts"], cells_csv["transcript_counts"])
+    assert get_record(sdata).metadata.nb_genes == 4
+
+
+def test_xenium_small_readers(xenium_small: Path) -> None:
+    """The cell summary drops R's row-number column; the R-written matrix reads with float arrays made integers."""
+    cells = read_cells(xenium_small / "cells.csv.gz")
+    raw = pd.read_csv(xenium_small / "cells.csv.gz")
+    assert cells.index.tolist() == raw["cell_id"].astype(str).tolist() == XENIUM_SMALL_CELLS
+    assert cells["transcript_counts"].tolist() == raw["transcript_counts"].tolist()
+    assert not any(c.startswith("Unnamed") for c in cells.columns)
+    counts = read_cell_feature_matrix(xenium_small / "cell_feature_matrix.h5")
+    assert counts.shape == (6, 4) and counts.X.dtype == np.int32
+    assert counts.obs_names.tolist() == XENIUM_SMALL_CELLS
+    assert counts.var["feature_types"].unique().tolist() == ["Gene Expression"]
+    assert counts.var["genome"].unique().tolist() == ["Unknown"]
+
+
+def test_xenium_small_cells_are_circles_at_the_centroids(xenium_small: Path) -> None:
+    sdata = read_xenium(xenium_small)
+    assert set(sdata.shapes) == {"cells"} and not sdata.points and not sdata.images
+    cells = sdata["cells"]
+    cells_csv = pd.read_csv(xenium_small / "cells.csv.gz")
+    assert cells.index.tolist() == cells_csv["cell_id"].astype(str).tolist() == XENIUM_SMALL_CELLS
+    np.testing.assert_array_equal(cells.geometry.x, cells_csv["x_centroid"])
+    np.testing.assert_array_equal(cells.geometry.y, cells_csv["y_centroid"])
+    np.testing.assert_allclose(np.pi * cells["radius"] ** 2, cells_csv["cell_area"], rtol=1e-12)
+    assert cells["radius"].round(4).tolist() == [9.8566, 7.4977, 9.1659, 11.6695, 11.6256, 11.5195]
+    transformations = get_transformation(cells, get_all=True)
+    assert isinstance(transformations["um"], Identity)
+    global_xy = transform(cells, to_coordinate_system="global").geometry
+    np.testing.assert_allclose(global_xy.x, cells_csv["x_centroid"] / 0.2125)
+    provenance = get_record(sdata).elements["cells"].provenance
+    assert provenance.method == "centroid_circles"
+    assert provenance.inputs == [str(xenium_small / "cells.csv.gz")]
+    assert "sqrt(cell_area / pi)" in provenance.parameters["cell_geometry"]
+    absent = get_record(sdata).elements["cell_expression"].provenance.parameters["absent_inputs"]
+    assert [entry.split(" (")[0] for entry in absent] == [
+        "transcripts",
+        "cell boundaries",
+        "nucleus boundaries",
+        "morphology image",
+    ]
+
+
+def test_full_bundle_records_no_absent_inputs(sfe: Path) -> None:
+    record = get_record(read_sfe(sfe))
+    assert record.elements["cells"].provenance.method is None
+    assert all("absent_inputs" not in element.provenance.parameters for element in record.elements.values())
+
+
+def test_convert_auto_detects_the_minimal_bundle(xenium_small: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hest_zarr.cli import app
+    from hest_zarr.converters import detect_technology
+
+    assert detect_technology(xenium_small) == "xenium"
+    out = tmp_path / "xenium_small.zarr"
+    result = CliRunner().invoke(app, ["convert", str(xenium_small), str(out)])
+    assert result.exit_code == 0, result.output
+    assert hest_zarr.validate(str(out)) == []
+    reopened = hest_zarr.open(str(out))
+    assert reopened["cell_expression"].shape == (6, 4)
+    assert int(reopened["cell_expression"].X.sum()) == 21
+    assert reopened["cells"].index.tolist() == XENIUM_SMALL_CELLS
+    assert get_record(reopened).metadata.st_technology == "Xenium"
+
+
+def small_copy(xenium_small: Path, tmp_path: Path) -> Path:
+    """A writable copy of Xenium_small (the h5 copied, the cell summary linked)."""
+    folder = folder_copy(xenium_small, tmp_path, skip=("cell_feature_matrix.h5",))
+    (folder / "cell_feature_matrix.h5").write_bytes((xenium_small / "cell_feature_matrix.h5").read_bytes())
+    return folder
+
+
+def test_truncated_xenium_small_h5(xenium_small: Path, tmp_path: Path) -> None:
+    folder = small_copy(xenium_small, tmp_path)
+    h5 = folder / "cell_feature_matrix.h5"
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    with pytest.raises(
+        InputError,
+        match=r"cell_feature_matrix.h5: not a readable 10x feature-barcode matrix \(not a readable HDF5 file",
+    ):
+        read_xenium(folder)
+
+
+@pytest.mark.parametrize(
+    ("key", "position", "value"),
+    [("matrix/indices", 2, 2.5), ("matrix/indptr", 3, 7.25), ("matrix/data", 0, 1.5), ("matrix/shape", 0, 4.000001)],
+)
+def test_non_integral_h5_value(xenium_small: Path, tmp_path: Path, key: str, position: int, value: float) -> None:
+    """The real file with one value made fractional in the test (synthetic damage)."""
+    folder = small_copy(xenium_small, tmp_path)
+    with h5py.File(folder / "cell_feature_matrix.h5", "r+") as h5:
+        h5[key][position] = value
+    with pytest.raises(
+        InputError,
+        match=rf"cell_feature_matrix.h5: .*'{key}' must hold integers, found {value} at position {position}",
+    ):
+        read_xenium(folder)
+
+
+def test_shape_that_does_not_fit_the_arrays(xenium_small: Path, tmp_path: Path) -> None:
+    """``matrix/shape`` swapped to barcodes x features (in the test): indptr no longer has n_barcodes + 1 entries."""
+    folder = small_copy(xenium_small, tmp_path)
+    with h5py.File(folder / "cell_feature_matrix.h5", "r+") as h5:
+        h5["matrix/shape"][:] = [6.0, 4.0]
+    with pytest.raises(
+        InputError, match=r"cell_feature_matrix.h5: .*'matrix/indptr' must rise from 0 to the 15 values"
+    ):
+        read_xenium(folder)
+
+
+def test_summary_without_cell_area(xenium_small: Path, tmp_path: Path) -> None:
+    folder = folder_copy(xenium_small, tmp_path, skip=("cells.csv.gz",))
+    pd.read_csv(xenium_small / "cells.csv.gz").drop(columns="cell_area").to_csv(folder / "cells.csv.gz", index=False)
+    with pytest.raises(InputError, match=r"cells.csv.gz: missing column\(s\) \['cell_area'\]"):
+        read_xenium(folder)
+
+
+def test_matrix_without_cells(xenium_small: Path, tmp_path: Path) -> None:
+    folder = folder_copy(xenium_small, tmp_path, skip=("cells.csv.gz",))
+    with pytest.raises(InputError, match=r"no cell boundaries nor cell summary found"):
+        read_xenium(folder)

@@ -37,3 +37,7 @@ class RemoteUnreachableError(HestZarrError, ConnectionError):
 
 class InputError(HestZarrError, ValueError):
     """A converter's input file is missing, malformed or inconsistent."""
+
+
+class AlignmentError(HestZarrError):
+    """A Visium image could not be aligned to its slide layout (no frame, too few corners, a poor fit)."""

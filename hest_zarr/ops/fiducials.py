@@ -41,7 +41,7 @@ from scipy.sparse import csgraph
 from scipy.spatial import cKDTree
 
 from hest_zarr.errors import InputError
-from hest_zarr.ops.visium_layout import CORNER_WINDOW, SLIDE_NAMES, SlideLayout, SlideName, visium_layout
+from hest_zarr.ops.visium_layout import CORNER_WINDOW, SlideLayout, SlideName, resolve_slides, visium_layout
 
 #: The four corner patterns of a Visium capture-area frame, as named in the slide layout.
 CornerName = Literal["hourglass", "hex_filled", "triangle", "hex_open"]
@@ -120,6 +120,8 @@ PROBE_RADIUS = 0.2
 DOT_SIGMA_PITCH = 0.25
 PROBE_RESPONSE = 0.3
 
+#: Margin (frame nodes) of the frame template around the frame.
+_TEMPLATE_MARGIN = 2
 #: The six neighbour steps of a hexagonal lattice in the basis of two of them 60 degrees apart, in angular order.
 _HEX_STEPS = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]])
 
@@ -391,9 +393,6 @@ def _frame_template(slide: SlideName) -> tuple[np.ndarray, np.ndarray]:
     return weights, must_be_empty
 
 
-_TEMPLATE_MARGIN = 2
-
-
 @dataclass(frozen=True)
 class _Placement:
     """The layout's frame laid on a lattice: layout node ``(row, col)`` -> lattice node ``ij``."""
@@ -483,7 +482,8 @@ def find_frame(image: np.ndarray, slide: SlideName | Literal["auto"] = "auto") -
     the hexagonal lattice of the fiducials is the most frequent neighbour vector (length and angle modulo 60
     degrees), grown over linked dots and fitted by least squares; the slide layout's frame (bands, corner patterns,
     empty gaps) is then correlated with the lattice's dots over the 12 orientations (6 lattice directions, mirrored
-    or not) and every shift. The placement with the most corner patterns found, then the best score, wins.
+    or not) and every shift. The placement with the most corner patterns found, then the best score, wins; its
+    frame nodes without a dot are probed once more at a lower threshold (see the module docstring).
 
     Parameters
     ----------
@@ -494,15 +494,25 @@ def find_frame(image: np.ndarray, slide: SlideName | Literal["auto"] = "auto") -
 
     Returns
     -------
-    The frame, or ``None`` when no lattice of dots was found at all.
+    The frame (possibly with fewer than 3 corners: :func:`~hest_zarr.ops.align.fit_spot_grid` refuses those), or
+    ``None`` when no lattice of dots was found at all.
+
+    Raises
+    ------
+    InputError
+        An image that is not uint8 grey or RGB, or an unknown ``slide``.
 
     Examples
     --------
     >>> find_frame(np.full((400, 400, 3), 240, np.uint8)) is None
     True
+    >>> from PIL import Image
+    >>> frame = find_frame(np.asarray(Image.open("spatial/tissue_lowres_image.png")))  # doctest: +SKIP
+    >>> frame.layout.name, sorted(corner.name for corner in frame.corners), len(frame.dots_px)  # doctest: +SKIP
+    ('6.5mm', ['hex_filled', 'hex_open', 'hourglass'], 459)
 
     """
-    slides = _slides(slide)
+    slides = resolve_slides(slide)
     views = _darkness_variants(image)
     best, best_key = None, None
     for darkness, reduction in views:
@@ -608,14 +618,6 @@ def _frame_detection(placement: _Placement) -> FrameDetection:
     )
 
 
-def _slides(slide: str) -> tuple[SlideName, ...]:
-    if slide == "auto":
-        return SLIDE_NAMES
-    if slide not in SLIDE_NAMES:
-        raise InputError(f"unknown Visium slide {slide!r}; expected 'auto' or one of {list(SLIDE_NAMES)}")
-    return (slide,)
-
-
 def detect_corners_classical(image: np.ndarray, slide: SlideName | Literal["auto"] = "auto") -> list[CornerDetection]:
     """Find the corner patterns of a Visium fiducial frame by blob detection and lattice/template matching.
 
@@ -640,6 +642,7 @@ def detect_corners_classical(image: np.ndarray, slide: SlideName | Literal["auto
     >>> from PIL import Image
     >>> lowres = np.asarray(Image.open("spatial/tissue_lowres_image.png").convert("RGB"))  # doctest: +SKIP
     >>> [(c.name, round(c.x), round(c.y)) for c in detect_corners_classical(lowres)]  # doctest: +SKIP
+    [('hourglass', 34, 142), ('hex_filled', 339, 142), ('hex_open', 338, 453)]
 
     """
     frame = find_frame(image, slide)

@@ -260,6 +260,200 @@ def patch(
         console.print(f"wrote {h5}")
 
 
+class TissueMethod(StrEnum):
+    """Tissue segmentation methods."""
+
+    threshold = "threshold"
+    deeplab = "deeplab"
+
+
+@app.command()
+def tissue(
+    url: Annotated[str, typer.Argument(help="Store path or URL holding an 'he' image.")],
+    method: Annotated[TissueMethod, typer.Option(help="Segmentation method.")] = TissueMethod.threshold,
+    weights: Annotated[Path | None, typer.Option(help="DeepLabV3-ResNet50 state dict (method deeplab).")] = None,
+    level: Annotated[int | None, typer.Option(min=0, help="Pyramid level of 'he' (default: coarsest).")] = None,
+    replace: Annotated[bool, typer.Option(help="Replace an existing 'tissue' element.")] = False,
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Segment the tissue: write 'tissue' polygons and the spots' in_tissue flags."""
+    from hest_zarr.ops.tissue import tissue as segment
+
+    with _clear_errors():
+        result = segment(
+            url,
+            method=method.value,
+            weights=weights,
+            level=level,
+            replace=replace,
+            storage_options=_storage_options(storage_options),
+        )
+    console.print(f"{url}: {len(result.polygons)} tissue polygon(s) from 'he' level {result.level}")
+    for table, count in result.in_tissue.items():
+        agreement = result.agreement_f1.get(table)
+        versus = f", F1 {agreement:.3f} against the previous in_tissue" if agreement is not None else ""
+        console.print(f"  {table}: {count} spots in tissue{versus}", highlight=False)
+
+
+@app.command("pixel-size")
+def pixel_size(
+    url: Annotated[str, typer.Argument(help="Store path or URL with spots on a lattice.")],
+    spots: Annotated[str | None, typer.Option(help="Spots element (default: spots, or the coarsest bins).")] = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Relative disagreement that is flagged.")] = 0.05,
+    write: Annotated[bool, typer.Option(help="Record the estimate in the store.")] = True,
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Estimate the pixel size from the spot lattice and compare it with the embedded and the store's values."""
+    from hest_zarr.ops.pixel_size import estimate_pixel_size
+
+    with _clear_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the disagreement is printed below
+        report = estimate_pixel_size(
+            url, spots=spots, tolerance=tolerance, write=write, storage_options=_storage_options(storage_options)
+        )
+    estimate = report.estimate
+    console.print(
+        f"{url}: {estimate.pixel_size_um:.5f} +/- {estimate.uncertainty_um:.1g} um/px from {estimate.n_spots} "
+        f"'{report.spots}' on the {estimate.lattice} lattice ({estimate.n_outliers} outliers)",
+        highlight=False,
+    )
+    for name, value in report.references.items():
+        console.print(f"  {name}: {value:.5f} um/px ({report.differences[name]:+.2%})", highlight=False)
+    verdict = f"DISAGREEMENT over {tolerance:.0%}" if report.flagged else f"agree within {tolerance:.0%}"
+    console.print(f"  {verdict}", highlight=False)
+
+
+class VisiumSlide(StrEnum):
+    """Visium capture-area sizes."""
+
+    auto = "auto"
+    small = "6.5mm"
+    large = "11mm"
+
+
+class FiducialDetector(StrEnum):
+    """Fiducial corner detectors."""
+
+    auto = "auto"
+    yolo = "yolo"
+    classical = "classical"
+
+
+def _alignment_summary(result: Any) -> str:
+    fit = result.fit
+    return (
+        f"{result.slide} slide, {result.detector} detector, corners {', '.join(fit.corners_used)}, "
+        f"{fit.n_frame_dots} frame dots, residual {fit.residual_um:.1f} um ({fit.residual_px:.2f} px), "
+        f"{int(result.spots['in_tissue'].sum())} of {len(result.spots)} spots on tissue"
+    )
+
+
+@app.command()
+def align(
+    url: Annotated[str, typer.Argument(help="Visium store path or URL (he image, spots, spot_expression).")],
+    slide: Annotated[
+        VisiumSlide, typer.Option(help="Capture-area size (auto: the frame that fits).")
+    ] = VisiumSlide.auto,
+    detector: Annotated[
+        FiducialDetector, typer.Option(help="Corner detector (auto: every available one, best residual wins).")
+    ] = FiducialDetector.auto,
+    level: Annotated[
+        int | None, typer.Option(min=0, help="Pyramid level of 'he' (default: <= 4096 px a side).")
+    ] = None,
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Align the H&E to the Visium slide layout from its fiducial frame; rewrite the spot positions and in_tissue."""
+    from hest_zarr.ops.align import align as align_store
+
+    with _clear_errors():
+        result = align_store(
+            url,
+            slide=slide.value,
+            detector=detector.value,
+            level=level,
+            storage_options=_storage_options(storage_options),
+        )
+    console.print(f"{url}: aligned, {_alignment_summary(result)}", highlight=False)
+
+
+@app.command("align-image")
+def align_image(
+    image: Annotated[Path, typer.Argument(help="H&E or CytAssist image (PNG, JPEG, TIFF) with the fiducial frame.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="CSV to write: array_row, array_col, pxl_row, pxl_col, in_tissue.")
+    ],
+    slide: Annotated[
+        VisiumSlide, typer.Option(help="Capture-area size (auto: the frame that fits).")
+    ] = VisiumSlide.auto,
+    detector: Annotated[
+        FiducialDetector, typer.Option(help="Corner detector (auto: every available one, best residual wins).")
+    ] = FiducialDetector.auto,
+) -> None:
+    """Find the fiducial frame of a Visium image and write every spot's pixel position (Space Ranger row/col)."""
+    from hest_zarr.ops.align import SPOT_COLUMNS
+    from hest_zarr.ops.align import align_image as align_one
+
+    with _clear_errors():
+        result = align_one(image, slide=slide.value, detector=detector.value)
+    result.spots[[*SPOT_COLUMNS, "in_tissue"]].to_csv(out, index=False)
+    console.print(f"wrote {len(result.spots)} spots to {out}: {_alignment_summary(result)}", highlight=False)
+
+
+@app.command()
+def register(
+    url: Annotated[str, typer.Argument(help="Xenium store path or URL holding 'he' and 'dapi'.")],
+    force: Annotated[bool, typer.Option(help="Register even when an alignment file placed the H&E.")] = False,
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Register the H&E to the DAPI image and re-place the Xenium elements (kept: a file's alignment)."""
+    from hest_zarr.ops.register import register as register_store
+
+    with _clear_errors():
+        result = register_store(url, force=force, storage_options=_storage_options(storage_options))
+    console.print(
+        f"{url}: {result.method}; residual {result.residual_px:.3f} DAPI px over {result.n_inliers} inliers",
+        highlight=False,
+    )
+
+
+@app.command()
+def pool(
+    url: Annotated[str, typer.Argument(help="Xenium store (transcripts) or Visium HD store (bins), path or URL.")],
+    size_um: Annotated[float, typer.Option(help="Xenium: side of the square pseudo-spots, um.")] = 55.0,
+    origin_um: Annotated[tuple[float, float], typer.Option(help="Xenium: corner X Y of square x0_y0, um.")] = (0, 0),
+    min_qv: Annotated[float, typer.Option(help="Xenium: count molecules of qv >= this (0: every one).")] = 20.0,
+    controls: Annotated[bool, typer.Option(help="Xenium: count control probes/codewords (flagged in var).")] = True,
+    suffix: Annotated[str | None, typer.Option(help="Xenium: write spots_SUFFIX, spot_expression_SUFFIX.")] = None,
+    from_bin_um: Annotated[int, typer.Option(min=1, help="Visium HD: size of the bins to pool, um.")] = 2,
+    to_bin_um: Annotated[int | None, typer.Option(min=1, help="Visium HD: pool into bins of this size, um.")] = None,
+    replace: Annotated[bool, typer.Option(help="Replace existing elements of the same names.")] = False,
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Pool Xenium molecules into square pseudo-spots, or (with --to-bin-um) Visium HD bins into larger bins."""
+    from hest_zarr.ops.pool import pool_bins, pool_transcripts
+
+    with _clear_errors():
+        options = _storage_options(storage_options)
+        if to_bin_um is not None:
+            summary = pool_bins(url, from_bin_um, to_bin_um, replace=replace, storage_options=options)
+        else:
+            summary = pool_transcripts(
+                url,
+                size_um,
+                origin_um=origin_um,
+                min_qv=min_qv,
+                include_controls=controls,
+                suffix=suffix,
+                replace=replace,
+                storage_options=options,
+            )
+    console.print(
+        f"{url}: wrote '{summary.spots}' ({summary.n_spots} squares) and '{summary.table}' ({summary.n_genes} genes, "
+        f"{summary.total_counts} molecules)",
+        highlight=False,
+    )
+
+
 @app.command()
 def demo(
     output: Annotated[Path, typer.Argument(help="Where to write the demo store.")] = Path("demo_output/mob1.zarr"),
@@ -277,6 +471,29 @@ def demo(
         f"wrote {patches['n']} patches {patches['shape'][1]} x {patches['shape'][2]} px "
         f"({patches['field_um']:.0f} um at {patches['pixel_size_um']:.3f} um/px) to {patches['url']}"
     )
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Benchmark configuration (YAML or JSON): tasks, encoders, output.")],
+    output: Annotated[Path | None, typer.Option(help="Results folder (replaces the configuration's).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 (replaces the configuration's).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run the HEST-Benchmark: embed patches (cached in the stores), regress expression, report Pearson r."""
+    import logging
+
+    from hest_zarr.bench import load_config, run_benchmark, summary_markdown
+
+    logging.getLogger("hest_zarr.bench").setLevel(logging.INFO)
+    logging.basicConfig(format="%(message)s")
+    with _clear_errors():
+        settings = load_config(config, output=output, device=device)
+        settings.progress = progress
+        results = run_benchmark(settings)
+    console.print(summary_markdown(results), highlight=False, markup=False)
+    if settings.output is not None:
+        console.print(f"results in {settings.output} ({results.timings['total_s']:.0f} s)")
 
 
 @app.command("export-schemas")

@@ -23,6 +23,8 @@ import zarr
 from hest_zarr.errors import CorruptStoreError, RemoteUnreachableError
 from hest_zarr.store import _Location
 
+#: Remote bands in flight at once (each one concurrent request batch).
+REMOTE_PREFETCH_BANDS = 8
 ChunkKey = tuple[int, int]  # (chunk row, chunk column) of a (c, y, x) array whose c axis is one chunk
 
 
@@ -90,12 +92,14 @@ class ChunkReader:
     def __init__(self, level: LevelArray, *, workers: int, retries: int = 3) -> None:
         self.level = level
         self.retries = retries
+        #: Bands of chunks requested ahead of the one being cut: enough to keep the disk or the object store busy.
+        self.prefetch_bands = 2 if level.location.is_local else REMOTE_PREFETCH_BANDS
         self._decode = _decoder(level.array)
         self._fill = np.full(
             (*level.chunk_side, level.array.shape[0]), level.array.metadata.fill_value or 0, dtype=level.array.dtype
         )
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hest-zarr-chunks")
-        self._fetch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hest-zarr-fetch")
+        self._fetch_pool = ThreadPoolExecutor(max_workers=self.prefetch_bands + 1, thread_name_prefix="hest-zarr-fetch")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

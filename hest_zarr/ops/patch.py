@@ -343,7 +343,7 @@ def read_patches(
     *,
     batch_size: int = 64,
     pad_value: int = 255,
-    prefetch_bands: int = 2,
+    prefetch_bands: int | None = None,
 ) -> Iterator[PatchBatch]:
     """Cut the plan's patches band by band, each chunk fetched and decoded once; yields batches.
 
@@ -358,11 +358,12 @@ def read_patches(
         sorted({key for index in band for key in _window_chunks(plan.origins[index], plan.window, chunk, shape)})
         for band in bands
     ]
+    ahead_bands = reader.prefetch_bands if prefetch_bands is None else prefetch_bands
     pending: dict[ChunkKey, Future[np.ndarray]] = {}
     decoded: dict[ChunkKey, np.ndarray] = {}
     try:
         for number, band in enumerate(bands):
-            for ahead in band_chunks[number : number + 1 + prefetch_bands]:
+            for ahead in band_chunks[number : number + 1 + ahead_bands]:
                 pending.update(reader.submit_many([k for k in ahead if k not in decoded and k not in pending]))
             for key in band_chunks[number]:
                 if key not in decoded:

@@ -82,10 +82,11 @@ def test_visium_round_trip_equals_space_ranger(dataset: str, request: pytest.Fix
         np.testing.assert_array_equal(spots.geometry.y.to_numpy(), positions["pxl_row_in_fullres"].to_numpy())
         np.testing.assert_array_equal(table.obs["array_row"].to_numpy(), positions["array_row"].to_numpy())
         factors = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
-        # spot_diameter_fullres spans Space Ranger's theoretical 65 um spot; the capture spot is 55 um
-        np.testing.assert_allclose(spots["radius"], factors["spot_diameter_fullres"] * 55 / 65 / 2)
         record = hest_zarr.get_record(sdata)
-        assert record.pixel_size_um == pytest.approx(65.0 / factors["spot_diameter_fullres"])
+        # the spot lattice's pixel size: fiducial_diameter_fullres spans the slide layouts' 105 um fiducial on both
+        # (65 um / spot_diameter_fullres would be 7.7 % low on perik); spots are 55 um capture spots
+        assert record.pixel_size_um == pytest.approx(105.0 / factors["fiducial_diameter_fullres"], rel=1e-3)
+        np.testing.assert_allclose(spots["radius"] * 2 * record.pixel_size_um, 55.0)
     assert hest_zarr.validate(url) == []
 
 

@@ -37,6 +37,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
 from hest_zarr._constants import Elements, Keys
+from hest_zarr._lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice
 from hest_zarr.converters._common import (
     build_sample,
     circle_spots,
@@ -45,7 +46,6 @@ from hest_zarr.converters._common import (
 )
 from hest_zarr.converters.visium import (
     POSITION_COLUMNS,
-    VISIUM_INTER_SPOT_DISTANCE_UM,
     VISIUM_SPOT_DIAMETER_UM,
     _check_image_covers_spots,
     _read_image,
@@ -118,83 +118,6 @@ def read_delimited_table(
         return pd.read_csv(path, sep=separator, index_col=index_col, header=header)
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise InputError(f"{path}: not a readable delimited text table ({type(err).__name__}: {err})") from err
-
-
-@dataclass(frozen=True)
-class LatticeFit:
-    """Least-squares affine map from physical spot positions (um) to image pixels, and the pixel size it implies.
-
-    ``pixel_size_um`` is the geometric mean of the two axes' sizes (``sqrt`` of the area of one pixel);
-    ``pixel_size_um_xy`` are the sizes along the image's x and y, which differ when the image was resized
-    unevenly. Residuals are the distances between fitted and given pixel positions.
-    """
-
-    affine: np.ndarray  # (3, 2): [u, v, 1] @ affine = [x_px, y_px]
-    pixel_size_um: float
-    pixel_size_um_xy: tuple[float, float]
-    rms_px: float
-    max_px: float
-    n_points: int
-
-    def to_pixels(self, positions_um: np.ndarray) -> np.ndarray:
-        """Map physical positions (um, shape ``(n, 2)``) to pixels with the fitted affine."""
-        positions_um = np.asarray(positions_um, dtype=np.float64)
-        return np.c_[positions_um, np.ones(len(positions_um))] @ self.affine
-
-    def parameters(self) -> dict[str, Any]:
-        """Return the fit as provenance parameters (pixel sizes in um/px, residuals in px and um)."""
-        return {
-            "pixel_size_um_x": self.pixel_size_um_xy[0],
-            "pixel_size_um_y": self.pixel_size_um_xy[1],
-            "pixel_anisotropy": max(self.pixel_size_um_xy) / min(self.pixel_size_um_xy),
-            "fit_points": self.n_points,
-            "fit_rms_px": self.rms_px,
-            "fit_max_px": self.max_px,
-            "fit_rms_um": self.rms_px * self.pixel_size_um,
-            "affine_um_to_px": self.affine.tolist(),
-        }
-
-
-def fit_lattice(positions_um: np.ndarray, pixels: np.ndarray, source: str) -> LatticeFit:
-    """Fit the affine physical (um) -> pixel map of a spot lattice by least squares.
-
-    Parameters
-    ----------
-    positions_um
-        Spot positions on the array in micrometres, shape ``(n, 2)`` as ``(x, y)``.
-    pixels
-        The same spots' image pixels ``(x, y)``.
-    source
-        File named in error messages.
-
-    Raises
-    ------
-    InputError
-        Fewer than three spots, or spots on one line (the affine is undetermined).
-
-    Examples
-    --------
-    >>> grid = np.array([[0, 0], [200, 0], [0, 200], [200, 200]], dtype=float)
-    >>> round(fit_lattice(grid, grid / 2 + 10, "demo").pixel_size_um, 6)
-    2.0
-
-    """
-    positions_um = np.asarray(positions_um, dtype=np.float64)
-    pixels = np.asarray(pixels, dtype=np.float64)
-    design = np.c_[positions_um, np.ones(len(positions_um))]
-    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
-        raise InputError(f"{source}: {len(design)} spot(s) not spanning a plane; cannot fit the array -> pixel map")
-    affine, *_ = np.linalg.lstsq(design, pixels, rcond=None)
-    linear = affine[:2]  # rows: pixels per um along physical x and y
-    residuals = np.hypot(*(design @ affine - pixels).T)
-    return LatticeFit(
-        affine=affine,
-        pixel_size_um=float(1 / math.sqrt(abs(np.linalg.det(linear)))),
-        pixel_size_um_xy=(float(1 / np.linalg.norm(linear[0])), float(1 / np.linalg.norm(linear[1]))),
-        rms_px=float(np.sqrt(np.mean(residuals**2))),
-        max_px=float(residuals.max()),
-        n_points=len(design),
-    )
 
 
 def nearest_neighbour_pixel_size(pixels: np.ndarray, spacing_um: float, source: str) -> tuple[float, dict[str, Any]]:

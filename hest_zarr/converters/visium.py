@@ -14,13 +14,18 @@ with a clear message on mismatched barcodes or truncated files; the store layout
 full-resolution pixels and ``um``.
 
 Spots are circles centred on Space Ranger's ``pxl_col_in_fullres, pxl_row_in_fullres`` (Loupe's ``imageX,
-imageY``) with the radius of the 55 um capture spot; the pixel size is 65 um over ``spot_diameter_fullres``
-(Loupe's ``dia``): Space Ranger defines that diameter on a theoretical 65 um spot, measured on the fiducial frame.
+imageY``) with the radius of the 55 um capture spot. The pixel size is measured on the spot lattice
+(:func:`spot_lattice_pixel_size`): the trimmed least-squares fit of every positioned spot's centre to its
+``array_row, array_col`` on the slide layout (100 um along rows, rows 87 um apart on 6.5 mm capture areas).
+``65 um / spot_diameter_fullres`` (Loupe's ``dia``) is only the fallback for fewer than 3 spots not on one line: it
+matches the lattice on Space Ranger 1.0 and 2.x outputs but is 7.7 % low on Space Ranger 3.0 CytAssist ones, whose
+``spot_diameter_fullres`` spans 70 um.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,15 @@ from spatialdata_io._constants._constants import VisiumKeys
 from xarray import DataArray
 
 from hest_zarr._constants import Elements, Keys
+from hest_zarr._lattice import (
+    DISAGREEMENT_TOLERANCE,
+    VISIUM_INTER_SPOT_DISTANCE_UM,
+    PixelSizeDisagreementWarning,
+    fit_pixel_size,
+    spans_plane,
+    visium_lattice_name,
+    visium_lattice_um,
+)
 from hest_zarr.converters._common import (
     build_sample,
     circle_spots,
@@ -46,11 +60,13 @@ from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
-#: Space Ranger's ``spot_diameter_fullres`` (and Loupe's ``dia``) span a *theoretical 65 um spot*, not the
-#: 55 um capture spot (10x Space Ranger docs); the lattice agrees: 100 um neighbour spacing measures
-#: 65.0 um over that diameter on the scanpy sample and 64.8 um on SFE's.
+#: What Space Ranger's ``spot_diameter_fullres`` (and Loupe's ``dia``) span according to the 10x docs (a
+#: theoretical 65 um spot, not the 55 um capture spot); the fallback pixel size is this over it. Measured with the
+#: lattice's pixel size it spans 65.0 um on the scanpy (Space Ranger 1.0) sample, 64.96 um on SFE's (2.x) and
+#: 70.0 um on perik's (3.0 CytAssist).
 SPOT_DIAMETER_FULLRES_UM = 65.0
-VISIUM_INTER_SPOT_DISTANCE_UM = 100.0
+#: Columns of a positions frame that place its spots on the lattice and in the image.
+LATTICE_COLUMNS = ["array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 COUNTS_CANDIDATES = (
     VisiumKeys.FILTERED_COUNTS_FILE.value,
     "filtered_feature_bc_matrix",
@@ -217,7 +233,8 @@ def read_plain_mex(path: Path) -> AnnData:
     var = pd.DataFrame({"gene_ids": features[0].astype(str).to_numpy()}, index=features[1].astype(str).to_numpy())
     if features.shape[1] > 2:
         var["feature_types"] = features[2].to_numpy()
-    adata = AnnData(X=integer_counts(matrix, str(path)), obs=pd.DataFrame(index=barcodes[0].astype(str)), var=var)
+    obs = pd.DataFrame(index=barcodes[0].astype(str).to_numpy())
+    adata = AnnData(X=integer_counts(matrix, str(path)), obs=obs, var=var)
     adata.var_names_make_unique()
     return adata
 
@@ -416,17 +433,18 @@ def read_barcode_coordinates(path: Path) -> pd.DataFrame:
 
 def loupe_positions(
     alignment_path: Path, adata: AnnData, barcode_coordinates: Path | None
-) -> tuple[pd.DataFrame, float]:
-    """Return the positions of the barcodes of ``adata`` from a Loupe alignment, and the spot diameter in pixels.
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the positions of the barcodes of ``adata`` from a Loupe alignment, and every spot of the alignment.
 
     Barcodes get their array position from ``barcode_coordinates`` (Space Ranger's list; a ``-1`` gem-group suffix
-    is ignored) or else from ``adata.obs['array_row', 'array_col']``; barcodes without one are left out.
+    is ignored) or else from ``adata.obs['array_row', 'array_col']``; barcodes without one are left out. The
+    second frame is :func:`read_loupe_alignment`'s, with ``array_row``/``array_col`` as columns.
 
     Examples
     --------
     >>> counts = read_counts(Path("GSM123/filtered_feature_bc_matrix.h5"))  # doctest: +SKIP
     >>> alignment, coordinates = Path("GSM123/V10M24-003-B1.json"), Path("visium-v2_coordinates.txt")
-    >>> positions, diameter = loupe_positions(alignment, counts, coordinates)  # doctest: +SKIP
+    >>> positions, all_spots = loupe_positions(alignment, counts, coordinates)  # doctest: +SKIP
 
     """
     if barcode_coordinates is not None:
@@ -445,7 +463,7 @@ def loupe_positions(
     grid = grid.dropna().astype(np.int32)
     joined = grid.join(spots, on=[Keys.ARRAY_ROW, Keys.ARRAY_COL], how="inner")
     joined.index.name = "barcode"
-    return joined[POSITION_COLUMNS[1:]], float(spots["spot_diameter_fullres"].median())
+    return joined[POSITION_COLUMNS[1:]], spots.reset_index()
 
 
 def positions_for_barcodes(
@@ -488,6 +506,102 @@ def spot_expression(
         obs_columns={column: positions[column].to_numpy(dtype=np.int32) for column in SPOT_OBS_COLUMNS},
         source=str(counts_path),
     )
+
+
+# --------------------------------------------------------------------------------------------- pixel size
+def spot_lattice_pixel_size(
+    spots: pd.DataFrame, spot_diameter_px: float, source: str, *, fiducial_diameter_px: float | None = None
+) -> tuple[float, dict[str, Any]]:
+    """Return the size of a full-resolution pixel (um) measured on the Visium spot lattice, and its provenance.
+
+    The centres ``pxl_col_in_fullres, pxl_row_in_fullres`` of every spot with a position (all rows of the positions
+    file, not only the counts' barcodes: more spots, a tighter fit) are fitted to their slide-layout positions
+    (:func:`hest_zarr._lattice.visium_lattice_um` of ``array_row, array_col``) by trimmed least squares
+    (:func:`hest_zarr._lattice.fit_pixel_size`). With fewer than 3 such spots not on one line the lattice is
+    undetermined and the pixel size falls back to ``65 um / spot_diameter_fullres``, with a warning.
+
+    Parameters
+    ----------
+    spots
+        Spots with ``array_row``, ``array_col``, ``pxl_row_in_fullres`` and ``pxl_col_in_fullres`` columns; rows
+        with a missing value are left out.
+    spot_diameter_px
+        Space Ranger's ``spot_diameter_fullres`` (Loupe's ``dia``).
+    source
+        The positions file, named in warnings and errors.
+    fiducial_diameter_px
+        Space Ranger's ``fiducial_diameter_fullres``: recorded in micrometres as a check (the slide layouts' fiducials
+        are 105 um).
+
+    Returns
+    -------
+    The pixel size and the spots' provenance parameters: ``pixel_size_method`` (``"spot lattice"``, or the
+    fallback), ``pixel_size_fit`` (pixel size, standard error ``uncertainty_um``, ``residual_rms_px``, spots and
+    outliers), ``pixel_size_um_from_spot_diameter`` and ``difference_vs_spot_diameter`` (lattice / that - 1),
+    ``spot_diameter_fullres_um`` and ``fiducial_diameter_fullres_um`` (those diameters at the lattice's pixel size).
+
+    Warns
+    -----
+    PixelSizeDisagreementWarning
+        The lattice and ``65 um / spot_diameter_fullres`` differ by more than 5 % (Space Ranger 3.0 CytAssist: 7.7 %).
+    UserWarning
+        Too few spots for the lattice: the fallback is used.
+
+    Examples
+    --------
+    >>> rows, cols = np.divmod(np.arange(40), 8)
+    >>> spots = pd.DataFrame({"array_row": rows, "array_col": 2 * cols + rows % 2})
+    >>> spots[["pxl_col_in_fullres", "pxl_row_in_fullres"]] = visium_lattice_um(rows, 2 * cols + rows % 2) / 0.5
+    >>> pixel_size, parameters = spot_lattice_pixel_size(spots, 130.0, "tissue_positions.csv")
+    >>> round(pixel_size, 9), parameters["pixel_size_method"], abs(parameters["difference_vs_spot_diameter"]) < 1e-9
+    (0.5, 'spot lattice', True)
+
+    """
+    from_diameter = SPOT_DIAMETER_FULLRES_UM / spot_diameter_px
+    values = spots[LATTICE_COLUMNS].to_numpy(dtype=np.float64)
+    values = values[np.isfinite(values).all(axis=1)]
+    rows, cols, centres = values[:, 0], values[:, 1], values[:, [3, 2]]
+    lattice_um = visium_lattice_um(rows, cols) if len(values) else np.empty((0, 2))
+    parameters: dict[str, Any] = {
+        "spot_diameter_px": spot_diameter_px,
+        "pixel_size_um_from_spot_diameter": from_diameter,
+    }
+    if not spans_plane(lattice_um):
+        warnings.warn(
+            f"{source}: {len(values)} spot(s) with a position, too few or on one line to fit the spot lattice; the "
+            f"pixel size falls back to {SPOT_DIAMETER_FULLRES_UM:g} um / spot_diameter_fullres = {from_diameter:.4g} "
+            "um/px (7.7 % low on Space Ranger 3.0 CytAssist outputs)",
+            UserWarning,
+            stacklevel=3,
+        )
+        parameters["pixel_size_method"] = f"{SPOT_DIAMETER_FULLRES_UM:g} um / spot_diameter_fullres (too few spots)"
+        return from_diameter, parameters
+    estimate = fit_pixel_size(
+        centres,
+        lattice_um,
+        pitch_um=VISIUM_INTER_SPOT_DISTANCE_UM,
+        lattice=visium_lattice_name(rows, cols),
+        source=source,
+    )
+    pixel_size = estimate.pixel_size_um
+    difference = pixel_size / from_diameter - 1
+    parameters.update(
+        pixel_size_method="spot lattice",
+        pixel_size_fit=estimate.parameters(),
+        difference_vs_spot_diameter=difference,
+        spot_diameter_fullres_um=spot_diameter_px * pixel_size,
+    )
+    if fiducial_diameter_px is not None:
+        parameters["fiducial_diameter_fullres_um"] = fiducial_diameter_px * pixel_size
+    if abs(difference) > DISAGREEMENT_TOLERANCE:
+        warnings.warn(
+            f"{source}: the spot lattice gives {pixel_size:.4g} um/px, {difference:+.1%} against "
+            f"{SPOT_DIAMETER_FULLRES_UM:g} um / spot_diameter_fullres ({from_diameter:.4g} um/px): "
+            f"spot_diameter_fullres spans {spot_diameter_px * pixel_size:.1f} um here; the lattice is used",
+            PixelSizeDisagreementWarning,
+            stacklevel=3,
+        )
+    return pixel_size, parameters
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -676,27 +790,32 @@ def read_visium(
 
     if alignment_path is not None:
         coordinates_path = Path(barcode_coordinates) if barcode_coordinates is not None else None
-        positions, spot_diameter_px = loupe_positions(alignment_path, adata, coordinates_path)
+        positions, lattice_spots = loupe_positions(alignment_path, adata, coordinates_path)
+        spot_diameter_px = float(lattice_spots["spot_diameter_fullres"].median())
+        fiducial_diameter_px = None
         spot_inputs = [str(p) for p in (counts_path, alignment_path, coordinates_path) if p is not None]
         positions_source = " + ".join(spot_inputs[1:])
         method = "loupe alignment"
     else:
         if not factors:
             raise InputError(f"{root}: no scale factors (expected {SCALEFACTORS_FILE})")
-        positions = read_positions(positions_path)
+        positions = lattice_spots = read_positions(positions_path)
         spot_diameter_px = float(factors["spot_diameter_fullres"])
+        fiducial_diameter_px = factors.get("fiducial_diameter_fullres")
         spot_inputs = [str(counts_path), str(positions_path), str(factors_path)]
         positions_source = str(positions_path)
         method = "space ranger"
+    pixel_size_um, spot_parameters = spot_lattice_pixel_size(
+        lattice_spots, spot_diameter_px, positions_source, fiducial_diameter_px=fiducial_diameter_px
+    )
     positions = positions_for_barcodes(positions, adata.obs_names, positions_source, counts_path)
-    pixel_size_um = SPOT_DIAMETER_FULLRES_UM / spot_diameter_px
     barcodes = adata.obs_names.astype(str)
     centres = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     spots = circle_spots(centres, VISIUM_SPOT_DIAMETER_UM / pixel_size_um / 2, barcodes, pixel_size_um)
     table = spot_expression(adata, positions, counts_path)
     inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}
     images: dict[str, Any] = {}
-    parameters: dict[str, dict[str, Any]] = {Elements.SPOTS: {"spot_diameter_px": spot_diameter_px}}
+    parameters: dict[str, dict[str, Any]] = {Elements.SPOTS: spot_parameters}
     measured: dict[str, Any] = {}
     picked = (Path(image), 1.0) if image is not None else pick_spatial_image(root, factors)
     if include_image and picked is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,12 @@ import pytest
 import scanpy as sc
 from anndata import AnnData
 from PIL import Image
+from spatialdata.transformations import get_transformation
 
 from hest_zarr.converters import read_visium
+from hest_zarr.converters.visium import read_counts, spot_lattice_pixel_size
 from hest_zarr.errors import InputError
+from hest_zarr.ops.pixel_size import PixelSizeDisagreementWarning
 from hest_zarr.schemas import SampleMetadata
 from hest_zarr.store import get_record
 from tests.conftest import shared
@@ -198,13 +202,17 @@ def test_loupe_alignment_places_the_spots(perik_visium: Path, tmp_path: Path) ->
     expected = oligos.loc[pd.MultiIndex.from_frame(grid)]
     assert len(spots) == 2898
     assert np.array_equal(spots.geometry.x, expected["imageX"]) and np.array_equal(spots.geometry.y, expected["imageY"])
-    assert np.allclose(spots["radius"], 256.96118 * 55 / 65 / 2)
     table = sdata["spot_expression"]
     assert table.obs["in_tissue"].tolist() == expected["tissue"].eq(True).astype(int).tolist()
     assert table.obs["array_row"].tolist() == grid["array_row"].tolist()
     record = get_record(sdata)
-    assert record.pixel_size_um == pytest.approx(65 / 256.96118)
-    assert record.elements["spots"].provenance.method == "loupe alignment"
+    provenance = record.elements["spots"].provenance
+    assert provenance.method == "loupe alignment"
+    # the pixel size is fitted on all 4,992 spots of the alignment; the template's dia spans 65 um (measured 4e-11)
+    assert provenance.parameters["pixel_size_method"] == "spot lattice"
+    assert provenance.parameters["pixel_size_fit"]["n_spots"] == 4992
+    assert record.pixel_size_um == pytest.approx(65 / 256.96118, rel=1e-6)
+    assert np.allclose(spots["radius"], 55 / record.pixel_size_um / 2)
     assert set(sdata.images) == set()
 
     # the array positions may come from the counts' obs instead of the coordinates file
@@ -251,7 +259,97 @@ def test_space_ranger_2_layout_with_plain_mex(tmp_path: Path) -> None:
     spots = sdata["spots"].loc[table.obs_names]
     assert np.array_equal(spots.geometry.x, positions["pxl_col_in_fullres"])
     assert np.array_equal(spots.geometry.y, positions["pxl_row_in_fullres"])
-    assert np.allclose(spots["radius"], 188.56909 * 55 / 65 / 2)
+    assert np.allclose(spots["radius"], 55 / get_record(sdata).pixel_size_um / 2)
     for column in ("array_row", "array_col", "in_tissue"):
         assert table.obs[column].tolist() == positions[column].tolist()
     assert get_record(sdata).metadata.spots_under_tissue == 12
+
+
+# ------------------------------------------------------------------------------------------ pixel size
+def scale_factors(outs: Path) -> dict:
+    return json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("folder", "n_spots"),
+    [(("scanpy", "visium_data", "1.0.0"), 4992), (("SFE", "visium_v2_sample01", "outs"), 12)],
+)
+def test_lattice_pixel_size_agrees_with_spot_diameter_fullres(folder: tuple[str, ...], n_spots: int) -> None:
+    """Space Ranger 1.0 (scanpy) and 2.x (SFE): the lattice and 65 um / spot_diameter_fullres agree within 0.1 %."""
+    outs = shared(*folder)
+    factors = scale_factors(outs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PixelSizeDisagreementWarning)
+        sdata = read_visium(outs, include_image=False)
+    record = get_record(sdata)
+    from_diameter = 65 / factors["spot_diameter_fullres"]
+    assert abs(record.pixel_size_um / from_diameter - 1) < 1e-3  # measured 1.4e-7 (scanpy), -6.3e-4 (SFE)
+    parameters = record.elements["spots"].provenance.parameters
+    assert parameters["pixel_size_method"] == "spot lattice"
+    assert parameters["pixel_size_fit"]["n_spots"] == n_spots  # every positioned spot, not only the counts' barcodes
+    assert parameters["difference_vs_spot_diameter"] == pytest.approx(record.pixel_size_um / from_diameter - 1)
+    assert parameters["fiducial_diameter_fullres_um"] == pytest.approx(105.0, rel=1e-3)  # the slide layouts' fiducial
+    assert record.metadata.pixel_size_um_estimated == record.pixel_size_um
+    np.testing.assert_allclose(sdata["spots"]["radius"], 55 / record.pixel_size_um / 2)
+
+
+def test_cytassist_pixel_size_is_the_lattice_not_spot_diameter_fullres(perik_visium: Path) -> None:
+    """Space Ranger 3.0 CytAssist: spot_diameter_fullres spans 70 um, so 65 um over it would be 7.7 % low; the
+    lattice agrees with the 105 um fiducials of the slide layouts."""
+    factors = scale_factors(perik_visium)
+    with pytest.warns(
+        PixelSizeDisagreementWarning,
+        match=r"tissue_positions.csv: the spot lattice gives 4\.678 um/px, \+7\.7% against 65 um / "
+        r"spot_diameter_fullres \(4\.344 um/px\): spot_diameter_fullres spans 70\.0 um here",
+    ):
+        sdata = read_visium(perik_visium)
+    record = get_record(sdata)
+    assert abs(record.pixel_size_um / (105 / factors["fiducial_diameter_fullres"]) - 1) < 1e-3  # measured 2e-16
+    assert record.metadata.pixel_size_um_estimated == record.pixel_size_um
+    parameters = record.elements["spots"].provenance.parameters
+    assert parameters["pixel_size_method"] == "spot lattice"
+    assert parameters["pixel_size_um_from_spot_diameter"] == pytest.approx(65 / factors["spot_diameter_fullres"])
+    assert parameters["difference_vs_spot_diameter"] == pytest.approx(70 / 65 - 1, abs=1e-4)
+    assert parameters["spot_diameter_fullres_um"] == pytest.approx(70.0, rel=1e-4)
+    fit = parameters["pixel_size_fit"]
+    assert (fit["n_spots"], fit["n_outliers"]) == (4992, 0)
+    assert fit["uncertainty_um"] < 1e-9 and fit["residual_rms_px"] < 1e-6  # Space Ranger's positions: exact lattice
+    # the spots keep Space Ranger's pixels; their micrometres follow the lattice
+    spots = sdata["spots"]
+    positions = pd.read_csv(perik_visium / "spatial" / "tissue_positions.csv", index_col="barcode").loc[spots.index]
+    assert np.array_equal(spots.geometry.x, positions["pxl_col_in_fullres"])
+    np.testing.assert_allclose(spots["radius"] * 2 * record.pixel_size_um, 55.0)
+    to_um = get_transformation(spots, "um").to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    np.testing.assert_allclose(np.diag(to_um)[:2], record.pixel_size_um)
+
+
+def test_too_few_spots_fall_back_to_spot_diameter_fullres(tmp_path: Path) -> None:
+    """SFE's real Space Ranger 2.x output cut to its first 2 spots (positions and counts): no lattice to fit."""
+    source = shared("SFE", "visium_v2_sample01", "outs")
+    outs = outs_copy(source, tmp_path, skip=("spatial/tissue_positions.csv", "filtered_feature_bc_matrix"))
+    positions = pd.read_csv(source / "spatial" / "tissue_positions.csv").iloc[:2]
+    positions.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
+    read_counts(source / "filtered_feature_bc_matrix")[positions["barcode"]].write_h5ad(outs / "counts.h5ad")
+    with pytest.warns(
+        UserWarning,
+        match=r"tissue_positions.csv: 2 spot\(s\) with a position, too few or on one line to fit the spot lattice; "
+        r"the pixel size falls back to 65 um / spot_diameter_fullres = 0\.3447 um/px",
+    ):
+        sdata = read_visium(outs, include_image=False)
+    record = get_record(sdata)
+    assert len(sdata["spots"]) == 2
+    assert record.pixel_size_um == pytest.approx(65 / scale_factors(source)["spot_diameter_fullres"])
+    parameters = record.elements["spots"].provenance.parameters
+    assert parameters["pixel_size_method"] == "65 um / spot_diameter_fullres (too few spots)"
+    assert "pixel_size_fit" not in parameters
+
+
+def test_spots_of_one_row_fall_back(perik_visium: Path) -> None:
+    """Real perik positions of one array row are on one line: the lattice is undetermined."""
+    positions = pd.read_csv(perik_visium / "spatial" / "tissue_positions.csv")
+    one_row = positions[positions["array_row"] == 40]
+    assert len(one_row) == 64
+    with pytest.warns(UserWarning, match=r"row40: 64 spot\(s\) with a position, too few or on one line"):
+        pixel_size, parameters = spot_lattice_pixel_size(one_row, 14.964878633873417, "row40")
+    assert pixel_size == 65 / 14.964878633873417
+    assert parameters["pixel_size_method"] == "65 um / spot_diameter_fullres (too few spots)"

@@ -1,7 +1,9 @@
 """Pixel size from the spot lattice, on real Space Ranger, ST v1 and Visium HD positions.
 
 References are computed from the raw files (scale factors JSON, Loupe's slide template, the spot detector's
-alignment table), never with the operator's helpers.
+alignment table), never with the operator's helpers. The Visium converter's pixel size is this lattice fit, so a
+store that disagrees is built with the legacy converter from perik's real files and the pixel size
+65 um / ``spot_diameter_fullres`` (the Visium converter's value before it fitted the lattice).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import pandas as pd
 import pytest
 
 import hest_zarr
+from hest_zarr._lattice import fit_lattice
 from hest_zarr.converters import read_visium
-from hest_zarr.converters.legacy import fit_lattice
+from hest_zarr.converters.legacy import read_legacy
 from hest_zarr.converters.st_v1 import read_st_v1
 from hest_zarr.converters.visium_hd import read_visium_hd
 from hest_zarr.errors import InputError
@@ -93,8 +96,35 @@ def test_displaced_spots_are_outliers(perik_visium: Path) -> None:
     assert abs(plain / clean.pixel_size_um - 1) > 1e-5  # untrimmed, the displaced spots bias it
 
 
+def perik_store_at_spot_diameter_pixel_size(perik: Path, tmp_path: Path) -> str:
+    """Perik's real counts and positions as a store whose pixel size is 65 um / spot_diameter_fullres (7.7 % low)."""
+    factors = json.loads((perik / "spatial" / "scalefactors_json.json").read_text())
+    sample = read_legacy(
+        perik / "filtered_feature_bc_matrix.h5",
+        perik / "spatial" / "tissue_positions.csv",
+        pixel_size_um=65.0 / factors["spot_diameter_fullres"],
+    )
+    return hest_zarr.write(sample, tmp_path / "perik.zarr")
+
+
+def test_perik_visium_store_agrees(perik_visium: Path, tmp_path: Path) -> None:
+    """The Visium converter's pixel size is the lattice's: 105 um / fiducial_diameter_fullres, not 65 / spot's."""
+    with pytest.warns(PixelSizeDisagreementWarning, match="spot_diameter_fullres spans 70.0 um"):  # the converter's
+        url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
+    factors = json.loads((perik_visium / "spatial" / "scalefactors_json.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PixelSizeDisagreementWarning)
+        report = estimate_pixel_size(url)
+    assert not report.flagged
+    assert report.references == {"store": pytest.approx(105.0 / factors["fiducial_diameter_fullres"], rel=1e-9)}
+    assert abs(report.differences["store"]) < 1e-9  # the converter fitted all 4,992 spots, this fit the 2,898 stored
+    assert report.estimate.n_spots == 2898
+    check = hest_zarr.get_record(hest_zarr.open(url)).elements["spots"].provenance.parameters["pixel_size_check"]
+    assert check["disagreement"] is False
+
+
 def test_perik_store_is_flagged_and_recorded(perik_visium: Path, tmp_path: Path) -> None:
-    url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
+    url = perik_store_at_spot_diameter_pixel_size(perik_visium, tmp_path)
     factors = json.loads((perik_visium / "spatial" / "scalefactors_json.json").read_text())
     with pytest.warns(PixelSizeDisagreementWarning, match=r"4\.678 um/px, which disagrees with store 4\.344 um/px"):
         report = estimate_pixel_size(url)
@@ -107,7 +137,7 @@ def test_perik_store_is_flagged_and_recorded(perik_visium: Path, tmp_path: Path)
     check = record.elements["spots"].provenance.parameters["pixel_size_check"]
     assert check["disagreement"] is True
     assert check["difference_vs_store"] == pytest.approx(70 / 65 - 1, abs=1e-4)
-    assert record.elements["spots"].provenance.converter == "visium"
+    assert record.elements["spots"].provenance.converter == "legacy"
     assert hest_zarr.validate(url) == []
 
 
@@ -180,7 +210,7 @@ def test_cli(perik_visium: Path, tmp_path: Path) -> None:
 
     from hest_zarr.cli import app
 
-    url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
+    url = perik_store_at_spot_diameter_pixel_size(perik_visium, tmp_path)
     result = CliRunner().invoke(app, ["pixel-size", url])
     assert result.exit_code == 0, result.output
     output = " ".join(result.stdout.split())

@@ -43,7 +43,16 @@ import hest_zarr
 from hest_zarr._constants import CoordinateSystems, Elements, Keys
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.ops._chunks import ChunkKey, ChunkReader, LevelArray
-from hest_zarr.store import StorageOptions, _locate, _network_errors, _open_zarr_group, chunk_location, get_record
+from hest_zarr.store import (
+    StorageOptions,
+    _locate,
+    _network_errors,
+    _open_zarr_group,
+    _replace_local,
+    _upload,
+    chunk_location,
+    get_record,
+)
 
 DEFAULT_SIZE_PX = 224
 DEFAULT_PIXEL_SIZE_UM = 0.5
@@ -540,16 +549,10 @@ def _commit_patch_store(
         try:
             _write_patch_group(staging, n, size_px, batches, codec, attributes, progress)
             if local:
-                if exists:
-                    shutil.rmtree(target.path)
-                staging.rename(target.path)
+                _replace_local(staging, Path(target.path))
             else:
                 with _network_errors(target.url):
-                    if exists:
-                        target.fs.rm(target.path, recursive=True)
-                    files = sorted(p for p in staging.rglob("*") if p.is_file() and p != staging / "zarr.json")
-                    target.fs.put([str(p) for p in files], [target.join(*p.relative_to(staging).parts) for p in files])
-                    target.fs.put_file(str(staging / "zarr.json"), target.join("zarr.json"))
+                    _upload(staging, target, replace=exists)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target.url

@@ -71,7 +71,8 @@ def tissue_benchmark() -> dict:
     factors = json.loads((PERIK / "spatial" / "scalefactors_json.json").read_text())
     centres = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     truth = positions["in_tissue"].to_numpy(bool)
-    radius = factors["spot_diameter_fullres"] / 2 * 55 / 65  # the 55 um capture spot
+    # the 55 um capture spot, at the lattice pixel size (= 105 um / fiducial_diameter_fullres on this sample)
+    radius = factors["fiducial_diameter_fullres"] / 105 * 55 / 2
     lowres = factors["tissue_lowres_scalef"]
     cases = {
         "perik_lowres": tissue_case(

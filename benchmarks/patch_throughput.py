@@ -11,7 +11,9 @@ hexagonal) in its middle; patches of 224 px at 0.5 um/px (level 0, no resampling
 - ``decode_limit_<n>t``: every chunk under the patches read from disk and decoded once with the bare codec call
   (``imagecodecs.zstd_decode`` / ``jpeg_decode``, nothing else) on n threads, expressed as patches per second
   (the patch count over that time): the bar the issue sets at 70%;
-- ``ours_<n>w``: ``extract_patches`` with n concurrent chunk reads, single process;
+- ``ours_<n>w``: ``extract_patches`` with n concurrent chunk reads, single process, the iteration timed (opening
+  the store and planning excluded, as the decode limit excludes listing its chunks);
+- OpenSlide, the decode limit and ours keep the best of 3 runs (same warm page cache for all);
 - all of the above for the lossless (zstd) and the JPEG (q90) store;
 - S3 (``--s3``): a ``moto_server`` process on 127.0.0.1 holding the store's metadata, tables and the level-0
   chunks the patches touch; ``s3_concurrent_gets``: those chunk objects fetched with s3fs's concurrent
@@ -47,6 +49,8 @@ from _slides import PIXEL_SIZE_UM, QUALITY, TILE, make_slide
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "patch_throughput.json"
 SIZE_PX = 224
+#: Local in-memory methods (OpenSlide, decode limit, ours) keep the best of this many runs.
+REPEATS = 3
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -120,6 +124,12 @@ def timed(function, *args, **kwargs) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
+def best_of(repeats: int, function, *args) -> tuple[object, float]:
+    """The fastest of ``repeats`` runs (all methods that repeat get the same warm page cache)."""
+    runs = [timed(function, *args) for _ in range(repeats)]
+    return min(runs, key=lambda run: run[1])
+
+
 def run_openslide(tiff: Path, coords: np.ndarray) -> dict:
     import openslide
 
@@ -129,7 +139,7 @@ def run_openslide(tiff: Path, coords: np.ndarray) -> dict:
         for x, y in coords:
             np.asarray(slide.read_region((int(x), int(y)), 0, (SIZE_PX, SIZE_PX)))[..., :3]
 
-    _, seconds = timed(read_all)
+    _, seconds = best_of(REPEATS, read_all)
     return rate(len(coords), seconds)
 
 
@@ -158,18 +168,22 @@ def run_decode_limit(store: Path, plan, threads: int) -> dict:
         decode(path.read_bytes())
 
     with ThreadPoolExecutor(threads) as pool:
-        _, seconds = timed(lambda: list(pool.map(read_and_decode, paths)))
+        _, seconds = best_of(REPEATS, lambda: list(pool.map(read_and_decode, paths)))
     return {**rate(len(plan), seconds), "chunks": len(keys), "chunks_per_s": round(len(keys) / seconds, 1)}
 
 
-def run_ours(url, workers: int, storage_options=None) -> dict:
+def run_ours(url, workers: int, storage_options=None, repeats: int = 1) -> dict:
+    """Time the patch iteration (opening the store and planning are done before the clock starts)."""
     from hest_zarr.ops.patch import extract_patches
 
-    def read_all() -> int:
-        _, batches = extract_patches(url, workers=workers, storage_options=storage_options)
+    def read_all(batches) -> int:
         return sum(len(batch.indices) for batch in batches)
 
-    count, seconds = timed(read_all)
+    runs = []
+    for _ in range(repeats):
+        _, batches = extract_patches(url, workers=workers, storage_options=storage_options)
+        runs.append(timed(read_all, batches))
+    count, seconds = min(runs, key=lambda run: run[1])
     return rate(count, seconds)
 
 
@@ -367,7 +381,7 @@ def main() -> None:
         methods[f"{codec}_zarr_naive"] = run_zarr_naive(level0, coords[: arguments.subset])
         for threads in (1, 2):
             methods[f"{codec}_decode_limit_{threads}t"] = run_decode_limit(store, plan, threads)
-            methods[f"{codec}_ours_{threads}w"] = run_ours(store, threads)
+            methods[f"{codec}_ours_{threads}w"] = run_ours(store, threads, repeats=REPEATS)
         if not arguments.no_spatialdata:
             methods[f"{codec}_spatialdata_tiles"] = run_spatialdata_tiles(store, min(arguments.subset, 200))
         if not arguments.no_s3:

@@ -350,7 +350,7 @@ def read_patches(
     plan: PatchPlan,
     reader: ChunkReader,
     *,
-    batch_size: int = 64,
+    batch_size: int = 16,
     pad_value: int = 255,
     prefetch_bands: int | None = None,
 ) -> Iterator[PatchBatch]:
@@ -413,7 +413,7 @@ def extract_patches(
     pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
     in_tissue_only: bool = False,
     allow_upsample: bool = True,
-    batch_size: int = 64,
+    batch_size: int = 16,
     pad_value: int = 255,
     workers: int | None = None,
     storage_options: StorageOptions = None,

@@ -23,6 +23,7 @@ about two chunk rows of the touched chunks whatever the slide size. No dask grap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -495,11 +496,7 @@ def write_patches(
     >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP
 
     """
-    target = _locate(out, out_storage_options)
-    with _network_errors(target.url):
-        exists = target.fs.exists(target.path)
-    if exists and not overwrite:
-        raise HestZarrError(f"{target.url}: already exists (pass overwrite=True to replace it)")
+    target, exists = _patch_target(out, overwrite, out_storage_options)
     plan, batches = extract_patches(
         url,
         element=element,
@@ -650,7 +647,7 @@ def export_hest_h5(
             coords = h5.create_dataset("coords", data=store.coords)
             coords.attrs["patch_size"] = store.attributes["size_px"]
             coords.attrs["pixel_size_um"] = store.attributes["pixel_size_um"]
-            coords.attrs["patch_level"] = store.attributes["level"]
+            coords.attrs["patch_level"] = store.attributes.get("level", 0)
             h5.create_dataset("barcode", data=np.asarray(store.barcode, dtype=bytes)[:, None])
         partial.replace(h5_path)
     finally:
@@ -658,27 +655,35 @@ def export_hest_h5(
     return h5_path
 
 
-def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
+@contextlib.contextmanager
+def _hest_h5(h5_path: Path) -> Iterator[tuple[Any, Any, np.ndarray]]:
+    """Open and check a HEST patch file: yields the ``img`` and ``coords`` datasets and the barcodes."""
     import h5py
 
-    h5_path = Path(h5_path)
     if not h5_path.is_file():
         raise InputError(f"{h5_path}: no such patch file")
     try:
-        with h5py.File(h5_path, "r") as h5:
-            missing = [name for name in ("img", "coords", "barcode") if name not in h5]
-            if missing:
-                raise InputError(f"{h5_path}: not a HEST patch file (missing datasets {missing})")
-            images, coords, barcodes = h5["img"][:], h5["coords"][:], h5["barcode"][:]
+        h5 = h5py.File(h5_path, "r")
     except OSError as err:
         raise InputError(f"{h5_path}: cannot be read as HDF5 ({err})") from err
-    barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(barcodes).reshape(-1)])
-    if not (len(images) == len(coords) == len(barcodes)) or images.ndim != 4:
-        raise InputError(
-            f"{h5_path}: img {images.shape}, coords {coords.shape} and barcode {barcodes.shape} do not line up"
-        )
-    return images.astype(np.uint8, copy=False), coords.astype(np.int64), barcodes
+    with h5:
+        missing = [name for name in ("img", "coords", "barcode") if name not in h5]
+        if missing:
+            raise InputError(f"{h5_path}: not a HEST patch file (missing datasets {missing})")
+        images, coords = h5["img"], h5["coords"]
+        barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcode"][:].reshape(-1)])
+        if not (len(images) == len(coords) == len(barcodes)) or images.ndim != 4 or images.shape[1] != images.shape[2]:
+            raise InputError(
+                f"{h5_path}: img {images.shape}, coords {coords.shape} and barcode {barcodes.shape} do not line up "
+                "as N square patches"
+            )
+        yield images, coords, barcodes
+
+
+def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
+    with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
+        return images[:].astype(np.uint8, copy=False), coords[:].astype(np.int64), barcodes
 
 
 def import_hest_h5(
@@ -690,29 +695,38 @@ def import_hest_h5(
     overwrite: bool = False,
     storage_options: StorageOptions = None,
 ) -> str:
-    """Turn a HEST ``patches/<id>.h5`` into a patch store (HEST's patches are 224 px at 0.5 um/px).
+    """Turn a HEST ``patches/<id>.h5`` into a patch store (HEST's patches are 224 px at 0.5 um/px), 256 at a time.
 
     Examples
     --------
     >>> import_hest_h5("hest_data/patches/TENX95.h5", "TENX95_patches.zarr")  # doctest: +SKIP
 
     """
-    images, coords, barcodes = read_hest_h5(h5_path)
+    target, exists = _patch_target(out, overwrite, storage_options)
+    with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
+        attributes = {
+            "source": str(h5_path),
+            "element": Elements.SPOTS,
+            "image": Elements.HE,
+            "size_px": int(images.shape[1]),
+            "pixel_size_um": pixel_size_um,
+            "level": int(coords.attrs.get("patch_level", 0)),
+            "coords": "top-left corner (x, y) in level-0 pixels of the image",
+            "hest_zarr_version": hest_zarr.__version__,
+        }
+        step = 256  # patches read from the file at a time
+        batches = (
+            (barcodes[i : i + step], coords[i : i + step].astype(np.int64), images[i : i + step])
+            for i in range(0, len(barcodes), step)
+        )
+        return _commit_patch_store(target, exists, len(barcodes), images.shape[1], batches, codec, attributes, False)
+
+
+def _patch_target(out: str | Path, overwrite: bool, storage_options: StorageOptions) -> tuple[Any, bool]:
+    """Locate a patch store to write; refuse an existing one unless ``overwrite``."""
     target = _locate(out, storage_options)
     with _network_errors(target.url):
         exists = target.fs.exists(target.path)
     if exists and not overwrite:
         raise HestZarrError(f"{target.url}: already exists (pass overwrite=True to replace it)")
-    if images.shape[1] != images.shape[2]:
-        raise InputError(f"{h5_path}: patches are {images.shape[1]} x {images.shape[2]}, expected squares")
-    attributes = {
-        "source": str(h5_path),
-        "element": Elements.SPOTS,
-        "image": Elements.HE,
-        "size_px": int(images.shape[1]),
-        "pixel_size_um": pixel_size_um,
-        "coords": "top-left corner (x, y) in level-0 pixels of the image",
-        "hest_zarr_version": hest_zarr.__version__,
-    }
-    batches = ((barcodes[i : i + 256], coords[i : i + 256], images[i : i + 256]) for i in range(0, len(images), 256))
-    return _commit_patch_store(target, exists, len(images), images.shape[1], batches, codec, attributes, False)
+    return target, exists

@@ -255,6 +255,9 @@ def test_patch_store_round_trips_through_hest_h5(svs_store, tmp_path: Path) -> N
     again = open_patches(import_hest_h5(h5_path, tmp_path / "imported.zarr"))
     np.testing.assert_array_equal(again.img[:], patches.img[:])
     assert list(again.barcode) == list(patches.barcode)
+    images_again, coords_again, _ = read_hest_h5(export_hest_h5(again, tmp_path / "again.h5"))  # and back out
+    np.testing.assert_array_equal(images_again, images)
+    np.testing.assert_array_equal(coords_again, coords)
 
 
 def test_bad_hest_h5_files(tmp_path: Path) -> None:
@@ -267,6 +270,11 @@ def test_bad_hest_h5_files(tmp_path: Path) -> None:
         h5["img"] = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(InputError, match=r"missing datasets \['coords', 'barcode'\]"):
         read_hest_h5(tmp_path / "partial.h5")
+    with h5py.File(tmp_path / "uneven.h5", "w") as h5:
+        h5["img"], h5["coords"], h5["barcode"] = np.zeros((2, 4, 4, 3), np.uint8), np.zeros((3, 2)), [b"a", b"b"]
+    with pytest.raises(InputError, match=r"do not line up as N square patches"):
+        import_hest_h5(tmp_path / "uneven.h5", tmp_path / "uneven.zarr")
+    assert not (tmp_path / "uneven.zarr").exists()
 
 
 def test_patch_command_writes_the_store_and_the_h5(svs_store, tmp_path: Path) -> None:

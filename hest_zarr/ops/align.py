@@ -50,11 +50,9 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
-from spatialdata.transformations import get_transformation
 
 import hest_zarr
-from hest_zarr import _raster
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr._constants import Elements, Keys
 from hest_zarr.converters._common import circle_spots
 from hest_zarr.converters.slides import slide_image
 from hest_zarr.errors import AlignmentError, InputError
@@ -63,6 +61,8 @@ from hest_zarr.ops.tissue import (
     IN_TISSUE_FRACTION,
     ORIGINAL_IN_TISSUE,
     TISSUE_FRACTION,
+    _image_levels,
+    _level_to_global,
     spot_tissue_fraction,
     threshold_tissue_mask,
 )
@@ -180,7 +180,7 @@ def _scales(affine: np.ndarray) -> np.ndarray:
 
 
 def _frame_matches(
-    affine: np.ndarray, nodes_um: np.ndarray, dots: np.ndarray, tree: cKDTree, tolerance_px: float
+    affine: np.ndarray, nodes_um: np.ndarray, tree: cKDTree, tolerance_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frame nodes and dots paired one to one (each node its nearest dot within ``tolerance_px``)."""
     predicted = _apply(affine, nodes_um)
@@ -203,7 +203,7 @@ def _refine(
     nodes, matched = np.array([], dtype=int), np.array([], dtype=int)
     for fraction in MATCH_TOLERANCES:
         pitch_px = pitch_um * float(np.mean(_scales(affine)))
-        candidate_nodes, candidate_dots = _frame_matches(affine, nodes_um, dots, tree, fraction * pitch_px)
+        candidate_nodes, candidate_dots = _frame_matches(affine, nodes_um, tree, fraction * pitch_px)
         if len(candidate_nodes) < 3:
             break
         fitted = _affine_lstsq(nodes_um[candidate_nodes], dots[candidate_dots])
@@ -271,7 +271,7 @@ class _FrameCheck:
                 len(nodes),
             )
         # ... or puts dots on nodes that are always empty
-        on_empty, _ = _frame_matches(affine, self.empty_um, self.dots, self.tree, MATCH_TOLERANCES[-1] * pitch_px)
+        on_empty, _ = _frame_matches(affine, self.empty_um, self.tree, MATCH_TOLERANCES[-1] * pitch_px)
         if len(on_empty) > max(MIN_FRAME_MATCHES, MAX_EMPTY_NODE_DOTS * len(nodes)):
             return (
                 f"the fit puts {len(on_empty)} dots on frame nodes that are empty on every slide: it slipped along "
@@ -399,9 +399,8 @@ def _yolo_corners(image: np.ndarray) -> list[CornerDetection]:
         from hest_zarr.ops import fiducials_yolo
     except ImportError as error:
         raise _DetectorUnavailable(f"unavailable ({error})") from error
-    weights = getattr(fiducials_yolo, "DEFAULT_WEIGHTS", None)
-    if weights is not None and not Path(weights).is_file():
-        raise _DetectorUnavailable(f"unavailable (no weights at {weights})")
+    if not fiducials_yolo.DEFAULT_WEIGHTS.is_file():
+        raise _DetectorUnavailable(f"unavailable (no weights at {fiducials_yolo.DEFAULT_WEIGHTS})")
     try:
         return fiducials_yolo.detect_corners_yolo(image)
     except ImportError as error:
@@ -421,8 +420,7 @@ def yolo_available() -> bool:
         from hest_zarr.ops import fiducials_yolo
     except ImportError:
         return False
-    weights = getattr(fiducials_yolo, "DEFAULT_WEIGHTS", None)
-    if weights is not None and not Path(weights).is_file():
+    if not fiducials_yolo.DEFAULT_WEIGHTS.is_file():
         return False
     return importlib.util.find_spec("ultralytics") is not None  # importing it would alter numpy's printing
 
@@ -546,10 +544,10 @@ def align_image(
     ('classical', '6.5mm', 4992, 2956)
 
     """
-    pixels, factor, name = _rgb(image)
     slides = resolve_slides(slide)
     if detector not in ("auto", *DETECTORS):
         raise InputError(f"unknown detector {detector!r}; expected 'auto' or one of {list(DETECTORS)}")
+    pixels, factor, name = _rgb(image)
     wanted = DETECTORS if detector == "auto" else (detector,)
     attempts: dict[str, str] = {}
     fits: list[tuple[GridFit, str, list[CornerDetection]]] = []
@@ -603,14 +601,6 @@ def align_image(
 
 
 # --------------------------------------------------------------------------------------------- store
-def _level_to_global(image: Any, level: int) -> np.ndarray:
-    """3x3 affine from the continuous coordinates of pyramid ``level`` (pixel ``i`` spans ``[i, i + 1)``)."""
-    matrix = get_transformation(_raster._scale0(image), CoordinateSystems.GLOBAL).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
-    return matrix @ np.diag([2.0**level, 2.0**level, 1.0])
-
-
 def _store_level(levels: list[Any], level: int | None, url: str | Path) -> int:
     if level is None:
         fitting = [index for index, array in enumerate(levels) if max(array.shape[1:]) <= STORE_LEVEL_MAX_SIDE]
@@ -692,11 +682,21 @@ def align(
             f"{url}: cannot align without {missing} (a Visium store has '{Elements.HE}', spots and a table)"
         )
     table = sdata.tables[Elements.SPOT_EXPRESSION]
-    if not {Keys.ARRAY_ROW, Keys.ARRAY_COL} <= set(table.obs.columns):
-        raise InputError(f"{url}: '{Elements.SPOT_EXPRESSION}' has no {Keys.ARRAY_ROW}/{Keys.ARRAY_COL} (not Visium?)")
+    absent = [key for key in (Keys.SPOT_ID, Keys.ARRAY_ROW, Keys.ARRAY_COL) if key not in table.obs.columns]
+    if absent:
+        raise InputError(f"{url}: '{Elements.SPOT_EXPRESSION}' has no {absent} column (not Visium?)")
+    spot_ids = table.obs[Keys.SPOT_ID].astype(str).to_numpy()
+    radius = sdata.shapes[Elements.SPOTS]["radius"].reindex(spot_ids).to_numpy()
+    if np.isnan(radius).any():
+        raise InputError(
+            f"{url}: {int(np.isnan(radius).sum())} spot ids of '{Elements.SPOT_EXPRESSION}' are not in "
+            f"'{Elements.SPOTS}' (e.g. {spot_ids[np.isnan(radius)][0]!r})"
+        )
     image = sdata.images[Elements.HE]
-    levels = _raster._levels(image) or [_raster._scale0(image).data]
+    levels = _image_levels(image)
     level = _store_level(levels, level, url)
+    if levels[level].dtype != np.uint8:
+        raise InputError(f"{url}: '{Elements.HE}' is not uint8 (dtype {levels[level].dtype})")
     pixels = np.moveaxis(np.asarray(levels[level].compute()), 0, -1)
     result = align_image(pixels, slide=slide, detector=detector)
 
@@ -715,9 +715,6 @@ def align(
     # converters keep): go to pixel edges, through the level's transformation, and back to centres
     level_xy = matched[["pxl_col", "pxl_row"]].to_numpy() + 0.5
     global_xy = level_xy @ to_global[:2, :2].T + to_global[:2, 2] - 0.5
-    spot_ids = obs[Keys.SPOT_ID].astype(str).to_numpy()
-    old_spots = sdata.shapes[Elements.SPOTS]
-    radius = old_spots["radius"].reindex(spot_ids).to_numpy()
     pixel_size_um = record.pixel_size_um or 1.0
     spots = circle_spots(global_xy, radius, spot_ids, pixel_size_um)
 

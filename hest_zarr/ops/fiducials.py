@@ -202,10 +202,14 @@ def _darkness_variants(image: np.ndarray) -> list[tuple[np.ndarray, float]]:
     return [(darkness, scale), (darkness * greyness, scale)]
 
 
+def _log_response(darkness: np.ndarray, sigma: float) -> np.ndarray:
+    """Scale-normalised Laplacian of Gaussian of the darkness, positive on dark dots of radius about sigma * sqrt 2."""
+    return -cv2.Laplacian(cv2.GaussianBlur(darkness, (0, 0), sigma), cv2.CV_32F, ksize=1) * sigma**2
+
+
 def _blob_peaks(darkness: np.ndarray, sigma: float) -> np.ndarray:
     """Sub-pixel maxima ``(x, y)`` of the scale-normalised Laplacian of Gaussian response of dark dots."""
-    blurred = cv2.GaussianBlur(darkness, (0, 0), sigma)
-    response = -cv2.Laplacian(blurred, cv2.CV_32F, ksize=1) * sigma**2
+    response = _log_response(darkness, sigma)
     sample = response[::4, ::4]
     noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
     threshold = max(DOT_MIN_RESPONSE, DOT_NOISE_FACTOR * noise)
@@ -551,7 +555,7 @@ def _probe_missing_dots(placement: _Placement, darkness: np.ndarray, reduction: 
     lattice, layout = placement.lattice, placement.layout
     pitch = lattice.pitch * reduction  # in pixels of the darkness view
     sigma = max(1.0, DOT_SIGMA_PITCH * pitch)
-    response = -cv2.Laplacian(cv2.GaussianBlur(darkness, (0, 0), sigma), cv2.CV_32F, ksize=1) * sigma**2
+    response = _log_response(darkness, sigma)
     radius = max(1, round(PROBE_RADIUS * pitch))
     is_peak = response >= cv2.dilate(response, np.ones((3, 3), np.uint8))
     height, width = response.shape

@@ -44,7 +44,11 @@ def _load_detector(weights: str) -> YOLO:
         ) from error
     finally:
         np.set_printoptions(**print_options)  # importing ultralytics changes numpy's print options globally
-    model = YOLO(weights, task="detect")
+    try:
+        model = YOLO(weights, task="detect")
+    except Exception as error:  # torch/ultralytics raise TypeError, RuntimeError, UnpicklingError... on foreign bytes
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{weights}: not a loadable YOLO checkpoint ({reason})") from error
     if sorted(model.names.values()) != sorted(CORNER_NAMES):
         raise InputError(
             f"{weights}: not a fiducial corner detector (its classes are {sorted(model.names.values())}, "

@@ -220,7 +220,7 @@ def _corner_windows(frame_rows: int, frame_cols: int) -> dict[CornerName, tuple[
 
 def _corner_nodes(name: CornerName, frame_rows: int, frame_cols: int) -> tuple[np.ndarray, np.ndarray]:
     top, left = _corner_windows(frame_rows, frame_cols)[name]
-    rows, cols = _window_nodes(top, left)
+    rows, cols = _lattice_nodes(top, left, *CORNER_WINDOW)
     if name == "triangle":  # the top row's two outer nodes are empty
         keep = ~((rows == top) & ((cols == left) | (cols == left + CORNER_WINDOW[1] - 1)))
     elif name == "hex_open":  # the centre is empty
@@ -241,9 +241,8 @@ def _frame_nodes(frame_rows: int, frame_cols: int) -> pd.DataFrame:
     ]
     parts = []
     for first_row, last_row, first_col, last_col in regions:
-        rows, cols = np.mgrid[first_row : last_row + 1, first_col : last_col + 1]
-        on_lattice = (rows + cols) % 2 == 0
-        parts.append(pd.DataFrame({"row": rows[on_lattice], "col": cols[on_lattice], "corner": ""}))
+        rows, cols = _lattice_nodes(first_row, first_col, last_row - first_row + 1, last_col - first_col + 1)
+        parts.append(pd.DataFrame({"row": rows, "col": cols, "corner": ""}))
     for name in CORNER_NAMES:
         rows, cols = _corner_nodes(name, frame_rows, frame_cols)
         parts.append(pd.DataFrame({"row": rows, "col": cols, "corner": name}))
@@ -273,8 +272,9 @@ def _empty_frame_nodes(frame_rows: int, frame_cols: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def _window_nodes(top: int, left: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.mgrid[top : top + CORNER_WINDOW[0], left : left + CORNER_WINDOW[1]]
+def _lattice_nodes(top: int, left: int, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``(rows, cols)`` with ``row + col`` even of a rectangle of the lattice, row by row."""
+    rows, cols = np.mgrid[top : top + n_rows, left : left + n_cols]
     on_lattice = (rows + cols) % 2 == 0
     return rows[on_lattice], cols[on_lattice]
 
@@ -334,9 +334,7 @@ def visium_layout(slide: SlideName) -> SlideLayout:
     if slide not in _CONSTANTS:
         raise InputError(f"unknown Visium slide {slide!r}; expected one of {list(SLIDE_NAMES)}")
     constants = _CONSTANTS[slide]
-    rows, cols = np.mgrid[0 : constants.spot_rows, 0 : constants.spot_cols]
-    on_lattice = (rows + cols) % 2 == 0
-    rows, cols = rows[on_lattice], cols[on_lattice]
+    rows, cols = _lattice_nodes(0, 0, constants.spot_rows, constants.spot_cols)
     origin_x = constants.frame_origin_um[0] + constants.spot_offset_um[0]
     origin_y = constants.frame_origin_um[1] + constants.spot_offset_um[1]
     spots = pd.DataFrame(

@@ -130,3 +130,7 @@ def test_bad_inputs_raise_input_error(tmp_path):
         detect_corners_yolo(np.zeros((64, 64, 3), np.uint8), weights=tmp_path / "missing.pt")
     with pytest.raises(InputError, match="min_score"):
         detect_corners_yolo(np.zeros((64, 64, 3), np.uint8), min_score=1.5)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_text("not a checkpoint")
+    with pytest.raises(InputError, match=r"corrupt\.pt: not a loadable YOLO checkpoint"):
+        detect_corners_yolo(np.zeros((64, 64, 3), np.uint8), weights=corrupt)

@@ -60,6 +60,7 @@ from spatialdata.transformations import BaseTransformation, get_transformation
 
 import hest_zarr
 from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr._lattice import spans_plane
 from hest_zarr.converters._common import expression_table, square_spots
 from hest_zarr.converters.xenium import is_control_feature
 from hest_zarr.errors import InputError
@@ -1071,8 +1072,8 @@ def _array_to_pixels(array: np.ndarray, centres: np.ndarray, side: float) -> tup
     Fewer than three bins, or bins on one line, cannot fix it: then one array step is taken as one bin side along x
     (columns) and y (rows).
     """
-    design = np.column_stack([array.astype(np.float64), np.ones(len(array))])
-    if len(array) >= 3 and np.linalg.matrix_rank(design) == 3:
+    if spans_plane(array):
+        design = np.column_stack([array.astype(np.float64), np.ones(len(array))])
         solution, *_ = np.linalg.lstsq(design, centres, rcond=None)
         residuals = centres - design @ solution
         rms = float(np.sqrt(np.mean(np.sum(residuals**2, axis=1))))

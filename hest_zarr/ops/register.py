@@ -168,6 +168,18 @@ def _centres_xy(rows_cols: np.ndarray) -> np.ndarray:
     return rows_cols[:, ::-1] + 0.5
 
 
+def _ransac_affine(source: np.ndarray, target: np.ndarray, threshold_px: float, seed: int) -> tuple[Any, Any]:
+    """RANSAC affine from ``source`` to ``target`` points: the model and the inlier mask (``None`` when none fits)."""
+    return measure.ransac(
+        (source, target),
+        transform.AffineTransform,
+        min_samples=3,
+        residual_threshold=threshold_px,
+        max_trials=RANSAC_TRIALS,
+        rng=seed,
+    )
+
+
 # --------------------------------------------------------------------------------------------- coarse
 def _coarse_affine(he: np.ndarray, dapi: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """SIFT + RANSAC affine from ``he`` to ``dapi`` pixels (both one-channel), and the match counts."""
@@ -194,14 +206,7 @@ def _coarse_affine(he: np.ndarray, dapi: np.ndarray, seed: int) -> tuple[np.ndar
         )
     source = _centres_xy(keypoints[0].keypoints[matches[:, 0]])
     target = _centres_xy(keypoints[1].keypoints[matches[:, 1]])
-    model, inliers = measure.ransac(
-        (source, target),
-        transform.AffineTransform,
-        min_samples=3,
-        residual_threshold=COARSE_RANSAC_PX,
-        max_trials=RANSAC_TRIALS,
-        rng=seed,
-    )
+    model, inliers = _ransac_affine(source, target, COARSE_RANSAC_PX, seed)
     if model is None or inliers is None or inliers.sum() < MIN_MATCHES:
         found = 0 if inliers is None else int(inliers.sum())
         raise HestZarrError(
@@ -267,14 +272,7 @@ def _refine(
                 f"registration refinement failed: {len(he_points)} textured windows overlap (need {MIN_MATCHES}); "
                 "the coarse match is probably wrong"
             )
-        model, inliers = measure.ransac(
-            (he_points, dapi_points),
-            transform.AffineTransform,
-            min_samples=3,
-            residual_threshold=FINE_RANSAC_PX,
-            max_trials=RANSAC_TRIALS,
-            rng=seed,
-        )
+        model, inliers = _ransac_affine(he_points, dapi_points, FINE_RANSAC_PX, seed)
         if model is None or inliers is None or inliers.sum() < MIN_MATCHES:
             raise HestZarrError("registration refinement failed: the windows' shifts agree on no affine")
         refined = _least_squares_affine(he_points[inliers], dapi_points[inliers])

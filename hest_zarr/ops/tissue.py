@@ -714,6 +714,11 @@ def tissue(
         fraction = pd.Series(spot_tissue_fraction(segmentation.mask, centres, radii), index=spots.index.astype(str))
         table = sdata.tables[table_name].copy()
         fractions = fraction.reindex(table.obs[Keys.SPOT_ID].astype(str)).to_numpy()
+        if np.isnan(fractions).any():
+            raise InputError(
+                f"{url}: {int(np.isnan(fractions).sum())} spot(s) of table '{table_name}' have no shape in "
+                f"'{spots_name}'; cannot flag them in_tissue"
+            )
         flags = (fractions >= IN_TISSUE_FRACTION).astype(np.int32)
         if Keys.IN_TISSUE in table.obs and ORIGINAL_IN_TISSUE not in table.obs:
             table.obs[ORIGINAL_IN_TISSUE] = table.obs[Keys.IN_TISSUE].to_numpy()

@@ -256,13 +256,12 @@ def _write_cache(
         },
         hest_zarr_version=hest_zarr.__version__,
     )
-    existing = get_record(hest_zarr.open(url, storage_options)).elements
     with warnings.catch_warnings():  # the table annotates the store's spots, absent from the staged elements
         warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
         hest_zarr.add_elements(
             url,
             {table_name: embeddings_table(plan.ids, embeddings, element)},
             {table_name: provenance},
-            replace=table_name in existing,
+            replace=True,  # a stale table of that name (other settings or fewer spots) is superseded
             storage_options=storage_options,
         )

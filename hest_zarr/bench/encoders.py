@@ -184,11 +184,8 @@ class Encoder:
 # --------------------------------------------------------------------------------------------- weights
 def file_sha256(path: str | Path) -> str:
     """Return the SHA-256 of a file (weights identity)."""
-    digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

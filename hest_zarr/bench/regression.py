@@ -14,11 +14,13 @@ mean). A fold scores the mean over genes; a task the mean and standard deviation
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from hest_zarr.bench.protocol import (
     DEFAULT_PRESET,
@@ -60,14 +62,11 @@ def pearson_per_gene(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     predicted = np.asarray(predicted, dtype=np.float64)
     if measured.shape != predicted.shape or measured.ndim != 2:
         raise InputError(f"measured {measured.shape} and predicted {predicted.shape} must be equal (spots, genes)")
-    a = measured - measured.mean(axis=0)
-    b = predicted - predicted.mean(axis=0)
-    norms = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a * b).sum(axis=0) / norms
-    constant = (np.ptp(measured, axis=0) == 0) | (np.ptp(predicted, axis=0) == 0)
-    r[constant | (norms == 0)] = np.nan
-    return np.clip(r, -1.0, 1.0)
+    if len(measured) < 2:  # one spot: every column is constant
+        return np.full(measured.shape[1], np.nan)
+    with warnings.catch_warnings():  # a constant column is expected (no r), not worth a warning
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        return np.asarray(scipy.stats.pearsonr(measured, predicted, axis=0).statistic, dtype=np.float64)
 
 
 @dataclass

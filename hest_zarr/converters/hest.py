@@ -182,8 +182,9 @@ def _read_seg_parquet(path: Path, pixel_size_um: float) -> geopandas.GeoDataFram
     import shapely
 
     try:
-        metadata = pq.read_schema(path).metadata or {}
-        frame = pd.read_parquet(path)
+        table = pq.read_table(path)
+        metadata = table.schema.metadata or {}
+        frame = table.to_pandas()
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{path}: not a readable parquet file (truncated or not parquet? {err})") from err
     column = json.loads(metadata.get(b"geo", b"{}")).get("primary_column", "geometry")

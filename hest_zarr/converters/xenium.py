@@ -81,6 +81,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, Labels2DModel, PointsModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, BaseTransformation, Identity, Scale
 from spatialdata_io._constants._constants import XeniumKeys
+from spatialdata_io.readers.xenium import cell_id_str_from_prefix_suffix_uint32
 from xarray import DataArray
 
 import hest_zarr
@@ -878,7 +879,8 @@ def decode_cell_ids(cell_id: np.ndarray) -> np.ndarray:
 
     XOA >= 1.3 stores ``(n, 2)`` uint32 pairs: the prefix's eight hexadecimal digits, most significant first,
     each written as a letter (0 -> ``a`` ... 15 -> ``p``), then ``-`` and the dataset suffix (10x Genomics,
-    "Xenium Zarr output files", cell ID format). Older files store one integer per cell, kept as its decimal text.
+    "Xenium Zarr output files", cell ID format; decoded by spatialdata-io's ``cell_id_str_from_prefix_suffix_uint32``).
+    Older files store one integer per cell, kept as its decimal text.
 
     Examples
     --------
@@ -893,10 +895,7 @@ def decode_cell_ids(cell_id: np.ndarray) -> np.ndarray:
         cell_id = cell_id[:, 0]
     if cell_id.ndim == 1:
         return cell_id.astype(np.int64).astype(str)
-    prefix = cell_id[:, 0].astype(np.uint32)
-    digits = (prefix[:, None] >> np.arange(28, -4, -4, dtype=np.uint32)) & 0xF
-    letters = np.frombuffer((digits.astype(np.uint8) + ord("a")).tobytes(), dtype="S8").astype(str)
-    return np.char.add(np.char.add(letters, "-"), cell_id[:, 1].astype(np.int64).astype(str))
+    return cell_id_str_from_prefix_suffix_uint32(cell_id[:, 0], cell_id[:, 1].astype(np.int64))
 
 
 def _open_zip_group(path: Path) -> Any:
@@ -1372,7 +1371,7 @@ def read_xenium(
 
 def _protein(protein: AnnData, counts_path: Path, experiment: XeniumExperiment) -> tuple[AnnData, dict[str, Any]]:
     """Build the ``cell_protein`` table and its provenance parameters; warn when the values cannot be scaled."""
-    factor = read_protein_scaling_factor(counts_path) if counts_path.is_file() else None
+    factor = read_protein_scaling_factor(counts_path)
     if factor is None:
         warnings.warn(
             f"{counts_path}: {protein.n_vars} protein features but no {PROTEIN_SCALING_ATTRIBUTE}: their values are "

@@ -196,8 +196,7 @@ def sfe_polygons(kind: str) -> geopandas.GeoDataFrame:
         cell_id: shapely.Polygon((group[["vertex_x", "vertex_y"]].to_numpy() - SFE_HEST_ORIGIN_UM) / SFE_HEST_PIXEL_UM)
         for cell_id, group in vertices.groupby("cell_id", sort=False)
     }
-    frame = geopandas.GeoDataFrame(geometry=list(rings.values()), index=pd.Index(list(rings), name="cell_id"))
-    return frame
+    return geopandas.GeoDataFrame(geometry=list(rings.values()), index=pd.Index(list(rings), name="cell_id"))
 
 
 @pytest.fixture

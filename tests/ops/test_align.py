@@ -299,3 +299,22 @@ def test_cli_align_image(spatial: Path, tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot align" in lines[0] and "no lattice of fiducial dots" in lines[0]
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_align_refuses_tables_that_do_not_match_their_spots(scanpy_visium: Path, tmp_path: Path) -> None:
+    """A table row naming no spot, or a table without array positions, is refused before the image is read."""
+    from hest_zarr.schemas import Provenance
+    from hest_zarr.store import add_elements
+
+    url = hest_zarr.write(read_sample(scanpy_visium), tmp_path / "scanpy.zarr")
+    table = hest_zarr.open(url)["spot_expression"]
+    renamed = table.copy()
+    renamed.obs["spot_id"] = renamed.obs["spot_id"].astype(str).replace({renamed.obs["spot_id"].iloc[0]: "NOT-A-SPOT"})
+    add_elements(url, {"spot_expression": renamed}, {"spot_expression": Provenance(converter="test")}, replace=True)
+    with pytest.raises(InputError, match=r"1 spot ids of 'spot_expression' are not in 'spots' \(e.g. 'NOT-A-SPOT'\)"):
+        align(url)
+    no_rows = table.copy()
+    del no_rows.obs["array_row"]
+    add_elements(url, {"spot_expression": no_rows}, {"spot_expression": Provenance(converter="test")}, replace=True)
+    with pytest.raises(InputError, match=r"'spot_expression' has no \['array_row'\] column"):
+        align(url)

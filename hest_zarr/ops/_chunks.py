@@ -10,8 +10,9 @@ through zarr's own ``get_block_selection``: same result, slower.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -47,8 +48,12 @@ class LevelArray:
         return self.array.shape[1], self.array.shape[2]
 
 
-def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
-    """Return a direct decoder ``bytes -> (y, x, c) uint8`` for the codec chains our stores write, else ``None``."""
+def _decoder(array: zarr.Array) -> Callable[[bytes, np.ndarray], np.ndarray] | None:
+    """Return a direct decoder for the codec chains our stores write, else ``None``.
+
+    The decoder fills and returns ``out``, a ``(y, x, c)`` uint8 chunk array: decoding into arrays that are
+    reused (see :meth:`ChunkReader.release`) spares the kernel paging in and zeroing fresh memory for every chunk.
+    """
     metadata = array.metadata
     if getattr(metadata, "zarr_format", None) != 3 or array.dtype != np.uint8 or array.chunks[0] != array.shape[0]:
         return None
@@ -58,18 +63,24 @@ def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
     names = [codec.to_dict()["name"] for codec in metadata.codecs]
     channels, height, width = array.chunks
     if names == ["bytes", "zstd"]:
+        scratch = threading.local()  # one planar buffer per decoding thread, warm in its cache
 
-        def decode_zstd(data: bytes) -> np.ndarray:
-            planes = np.frombuffer(imagecodecs.zstd_decode(data), dtype=np.uint8).reshape(channels, height, width)
+        def decode_zstd(data: bytes, out: np.ndarray) -> np.ndarray:
+            if not hasattr(scratch, "planes"):
+                scratch.planes = np.empty((channels, height, width), np.uint8)
+            decoded = imagecodecs.zstd_decode(data, out=scratch.planes.reshape(-1))
+            if decoded.size != scratch.planes.size:
+                raise ValueError(f"{decoded.size} bytes decoded, the chunk has {scratch.planes.size}")
             # interleave once per chunk (OpenCV, GIL released) so every cut from it is a contiguous copy
-            return cv2.merge(list(planes)) if channels > 1 else planes[0][..., None]
+            cv2.merge(list(scratch.planes), dst=out)
+            return out
 
         return decode_zstd
     if names == ["transpose", "numcodecs.imagecodecs_jpeg"] and tuple(metadata.codecs[0].order) == (1, 2, 0):
 
-        def decode_jpeg(data: bytes) -> np.ndarray:
-            pixels = imagecodecs.jpeg_decode(data)
-            return pixels[..., None] if pixels.ndim == 2 else pixels
+        def decode_jpeg(data: bytes, out: np.ndarray) -> np.ndarray:
+            imagecodecs.jpeg_decode(data, out=out if channels > 1 else out[..., 0])
+            return out
 
         return decode_jpeg
     return None
@@ -98,12 +109,17 @@ class ChunkReader:
         self._fill = np.full(
             (*level.chunk_side, level.array.shape[0]), level.array.metadata.fill_value or 0, dtype=level.array.dtype
         )
+        self._spare: list[np.ndarray] = []  # chunk arrays handed back by release(), decoded into again
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hest-zarr-chunks")
         self._fetch_pool = ThreadPoolExecutor(max_workers=self.prefetch_bands + 1, thread_name_prefix="hest-zarr-fetch")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def release(self, chunks: Iterable[np.ndarray]) -> None:
+        """Hand back chunk arrays nothing reads any more (patches are copies), to be decoded into again."""
+        self._spare.extend(chunk for chunk in chunks if chunk is not self._fill)
 
     def submit_many(self, keys: list[ChunkKey]) -> dict[ChunkKey, Future[np.ndarray]]:
         """Start fetching and decoding chunks; return one future per chunk.
@@ -163,7 +179,8 @@ class ChunkReader:
 
     def _decode_checked(self, data: bytes, key: ChunkKey) -> np.ndarray:
         try:
-            return self._decode(data)  # type: ignore[misc]
+            out = self._spare.pop() if self._spare else np.empty_like(self._fill)
+            return self._decode(data, out)  # type: ignore[misc]
         except Exception as err:
             where = f"{self.level.location.url}: chunk {self.object_key(key)}"
             raise CorruptStoreError(f"{where} cannot be decoded ({type(err).__name__}: {err})") from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 import cv2
@@ -93,6 +94,25 @@ def test_level0_patches_equal_direct_crops_inside_and_at_borders(svs_store) -> N
         np.testing.assert_array_equal(images[spot], direct_crop(level0, x0, y0, 224), err_msg=spot)
     corner = images[ids[-7]]  # centred on (0, 0): three quarters padding
     assert (corner[:112, :] == 255).all() and (corner[:, :112] == 255).all()
+
+
+def test_batches_the_caller_holds_are_never_reused_and_dropped_ones_are(svs_store) -> None:
+    """Batch arrays are recycled once nothing references them: a kept batch or a view of one is never overwritten."""
+    url, level0, _ = svs_store
+    _, batches = extract_patches(url, size_px=64, pixel_size_um=0.5, batch_size=4)
+    kept, views, dropped, reused = [], [], [], 0
+    for number, batch in enumerate(batches):
+        reused += any(ref() is batch.images for ref in dropped)
+        if number % 3 == 0:
+            kept.append((batch.coords, batch.images))
+        elif number % 3 == 1:
+            views.append((batch.coords[1:], batch.images[1:]))
+        else:
+            dropped.append(weakref.ref(batch.images))
+    assert reused > 0
+    for coords, images in kept + views:
+        for (x0, y0), pixels in zip(coords, images, strict=True):
+            np.testing.assert_array_equal(pixels, direct_crop(level0, int(x0), int(y0), 64))
 
 
 def test_level1_patches_equal_crops_of_level1_and_of_downsampled_level0(svs_store) -> None:

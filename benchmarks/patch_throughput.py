@@ -19,8 +19,10 @@ hexagonal) in its middle; patches of 224 px at 0.5 um/px (level 0, no resampling
   chunks the patches touch; ``s3_concurrent_gets``: those chunk objects fetched with s3fs's concurrent
   ``cat`` (no decoding), ``s3_ours``: ``extract_patches`` from the S3 URL (both best of 3, after one warm-up
   request), ``s3_zarr_naive``: per-patch zarr slices over ``FsspecStore`` (a subset); ``s3_cpu_accounting``:
-  one more run of the GETs and of ours with the CPU seconds of this process and of the server (they share the
-  cores, so the client's decoding is paid for in GET throughput once both are busy);
+  one more run of the GETs and of ours with the CPU seconds of this process and of the server;
+  ``s3_gets_under_decode_load``: the same GETs while every touched chunk is decoded from local disk on as many
+  threads as cores at the same time, no patching at all: the ceiling of any client that must decode what it
+  fetches on the cores the server runs on;
 - DataLoader: ``IterablePatchDataset`` over the zstd store with ``num_workers=2`` (and 0), batch 64, patches/s and
   the peak RSS of the process tree (polled every 50 ms).
 
@@ -154,8 +156,8 @@ def run_zarr_naive(array, coords: np.ndarray) -> dict:
     return rate(len(coords), seconds)
 
 
-def run_decode_limit(store: Path, plan, threads: int) -> dict:
-    """Read every chunk under the patches from disk and decode it with the bare codec call, n threads."""
+def touched_chunks(store: Path, plan) -> tuple[list[Path], object]:
+    """The chunk files under the patches, and the bare codec call that decodes them."""
     import imagecodecs
 
     from hest_zarr.ops.patch import _window_chunks, open_levels
@@ -164,14 +166,19 @@ def run_decode_limit(store: Path, plan, threads: int) -> dict:
     keys = sorted({key for o in plan.origins for key in _window_chunks(o, plan.window, level.chunk_side, level.shape)})
     names = [codec.to_dict()["name"] for codec in level.array.metadata.codecs]
     decode = imagecodecs.zstd_decode if "zstd" in names else imagecodecs.jpeg_decode
-    paths = [store / level.path / "c" / "0" / str(row) / str(column) for row, column in keys]
+    return [store / level.path / "c" / "0" / str(row) / str(column) for row, column in keys], decode
+
+
+def run_decode_limit(store: Path, plan, threads: int) -> dict:
+    """Read every chunk under the patches from disk and decode it with the bare codec call, n threads."""
+    paths, decode = touched_chunks(store, plan)
 
     def read_and_decode(path: Path) -> None:
         decode(path.read_bytes())
 
     with ThreadPoolExecutor(threads) as pool:
         _, seconds = best_of(REPEATS, lambda: list(pool.map(read_and_decode, paths)))
-    return {**rate(len(plan), seconds), "chunks": len(keys), "chunks_per_s": round(len(keys) / seconds, 1)}
+    return {**rate(len(plan), seconds), "chunks": len(paths), "chunks_per_s": round(len(paths) / seconds, 1)}
 
 
 def run_ours(url, workers: int, storage_options=None, repeats: int = 1) -> dict:
@@ -345,6 +352,17 @@ def run_s3(store: Path, plan, codec: str, naive_subset: int) -> dict:
             "chunks": len(chunk_urls),
             "chunks_per_s": round(len(chunk_urls) / seconds, 1),
         }
+        paths, decode = touched_chunks(store, plan)
+
+        def gets_under_decode_load() -> None:
+            # the same GETs while every chunk is decoded from disk on as many threads as cores, at the same time
+            with ThreadPoolExecutor(os.cpu_count()) as pool:
+                load = pool.map(lambda path: decode(path.read_bytes()), paths)
+                fs.cat(chunk_urls)
+                list(load)
+
+        _, seconds = best_of(REPEATS, gets_under_decode_load)
+        results["s3_gets_under_decode_load"] = rate(len(plan), seconds)
         results["s3_ours"] = run_ours(url, workers=32, storage_options=options, repeats=REPEATS)
         results["s3_cpu_accounting"] = {
             "concurrent_gets": cpu_accounted(server, fs.cat, chunk_urls),
@@ -362,6 +380,9 @@ def run_s3(store: Path, plan, codec: str, naive_subset: int) -> dict:
         results["s3_zarr_naive"] = rate(len(coords), seconds)
     results["s3_ours_vs_concurrent_gets"] = round(
         results["s3_ours"]["patches_per_s"] / results["s3_concurrent_gets"]["patches_per_s"], 3
+    )
+    results["s3_gets_under_decode_load_vs_concurrent_gets"] = round(
+        results["s3_gets_under_decode_load"]["patches_per_s"] / results["s3_concurrent_gets"]["patches_per_s"], 3
     )
     results["s3_naive_vs_concurrent_gets"] = round(
         results["s3_zarr_naive"]["patches_per_s"] / results["s3_concurrent_gets"]["patches_per_s"], 3

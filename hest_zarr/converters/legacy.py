@@ -22,7 +22,6 @@ orientation and coordinate kind must be detected, and they give no file-naming e
 from __future__ import annotations
 
 import gzip
-import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
 from hest_zarr._constants import Elements, Keys
-from hest_zarr._lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice
+from hest_zarr._lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
 from hest_zarr.converters._common import (
     build_sample,
     circle_spots,
@@ -68,11 +67,10 @@ PLAIN_Y_COLUMNS = ("y", "sdimy", "y_coord", "coord_y", "spatial_y")
 ID_COLUMNS = ("barcode", "barcodes", "spot_id", "spot", "cell_id", "id")
 #: Array coordinates are small integers; larger values are pixels.
 MAX_ARRAY_COORDINATE = 256
-#: Array position -> micrometres, in units of the inter-spot distance: (per array column, per array row).
-ARRAY_LATTICES: dict[str, tuple[float, float]] = {
-    "Visium": (0.5, math.sqrt(3) / 2),  # hexagonal: neighbours in a row are two columns apart
-    "Spatial Transcriptomics": (1.0, 1.0),  # square grid (ST 1k array)
-}
+#: Array position -> micrometres of square grids, in units of the inter-spot distance: (per column, per row).
+SQUARE_LATTICES: dict[str, tuple[float, float]] = {"Spatial Transcriptomics": (1.0, 1.0)}  # ST 1k array
+#: Technologies whose array positions can be placed in micrometres (Visium: ``_lattice.visium_lattice_um``).
+ARRAY_LATTICES: tuple[str, ...] = ("Visium", *SQUARE_LATTICES)
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 MIN_SPECIES_GENES = 20
 NEIGHBOUR_TOLERANCE = 0.15
@@ -408,6 +406,9 @@ def _match(spot_ids: pd.Index, coordinates: _Coordinates, expression: Path, sour
 def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um: float, source: str) -> np.ndarray:
     """Place array positions ``(column, row)`` on the technology's lattice, in micrometres.
 
+    Visium spots go where the Visium converter puts them (:func:`hest_zarr._lattice.visium_lattice_um`: rows 87 um
+    apart on 6.5 mm capture areas, 86.5 um on 11 mm ones), scaled by ``inter_spot_dist_um / 100``.
+
     Raises
     ------
     InputError
@@ -415,16 +416,20 @@ def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um
 
     Examples
     --------
-    >>> array_positions_um(np.array([[2.0, 1.0]]), "Visium", 100.0, "demo").round(2).tolist()
-    [[100.0, 86.6]]
+    >>> array_positions_um(np.array([[2.0, 1.0], [0.0, 0.0]]), "Visium", 100.0, "demo").tolist()
+    [[100.0, 87.0], [0.0, 0.0]]
 
     """
-    if technology not in ARRAY_LATTICES:
+    array_xy = np.asarray(array_xy, dtype=np.float64)
+    if technology == "Visium":
+        scale = inter_spot_dist_um / VISIUM_INTER_SPOT_DISTANCE_UM
+        return visium_lattice_um(array_xy[:, 1], array_xy[:, 0]) * scale
+    if technology not in SQUARE_LATTICES:
         raise InputError(
             f"{source}: array coordinates of {technology!r} cannot be placed (lattices known for "
             f"{', '.join(ARRAY_LATTICES)}); give pixel coordinates"
         )
-    return np.asarray(array_xy, dtype=np.float64) * np.asarray(ARRAY_LATTICES[technology]) * inter_spot_dist_um
+    return array_xy * np.asarray(SQUARE_LATTICES[technology]) * inter_spot_dist_um
 
 
 def compact_integers(values: np.ndarray) -> np.ndarray:

@@ -98,7 +98,10 @@ def test_giotto_array_coordinates_in_micrometres() -> None:
     ids = metadata.index[metadata["list_ID"] == "NP"]
     sdata = read_legacy(raw / "expression_matrix.txt.gz", raw / "cell_metadata.txt", spots=ids)
     record, obs = get_record(sdata), sdata["spot_expression"].obs
-    expected_um = metadata.loc[ids, ["array_col", "array_row"]].to_numpy() * [50, 100 * np.sqrt(3) / 2]
+    # 100 um between neighbours of a row (2 columns); rows 87 um apart on a 6.5 mm capture area (Loupe's template,
+    # as the Visium converter places spots), not 100 * sqrt(3) / 2 = 86.6 um
+    assert metadata.loc[ids, "array_row"].max() < 78
+    expected_um = metadata.loc[ids, ["array_col", "array_row"]].to_numpy() * [50, 87.0]
     assert np.allclose(centres(sdata), expected_um)
     assert np.array_equal(
         obs[["array_row", "array_col", "in_tissue"]].to_numpy(),

@@ -6,11 +6,20 @@ Ridge is checked against its closed form solved with numpy, PCA against numpy's 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from hest_zarr.bench.protocol import PRESETS, XGBOOST_PARAMETERS
-from hest_zarr.bench.regression import FoldResult, evaluate, fit_predict, pearson_per_gene, ridge_alpha
+from hest_zarr.bench.regression import (
+    FeatureRangeWarning,
+    FoldResult,
+    evaluate,
+    fit_predict,
+    pearson_per_gene,
+    ridge_alpha,
+)
 from hest_zarr.bench.tasks import Fold
 from hest_zarr.errors import InputError
 
@@ -104,6 +113,24 @@ def test_xgboost_uses_the_protocol_parameters(preset: str) -> None:
     direct = xgboost.XGBRegressor(**parameters, tree_method="hist", random_state=7, n_jobs=1).fit(x_train, y_train)
     assert np.allclose(prediction.values, direct.predict(x_test), rtol=0, atol=1e-6)
     assert {**XGBOOST_PARAMETERS, **PRESETS[preset].xgboost_extra} == parameters
+
+
+def test_a_feature_nearly_constant_on_the_training_fold_is_reported() -> None:
+    """As on MOB: a feature non-zero in one training spot, used by the test fold, lands far out once standardised."""
+    x_train, y_train, x_test, _ = synthetic(60, 40, 8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureRangeWarning)
+        ordinary = fit_predict("pca_ridge", x_train, y_train, x_test, preprocessing="hest-code")
+    assert ordinary.details["max_abs_test_z"] < 10
+    x_train[:, 5], x_test[:, 5] = 0.0, 0.0
+    x_train[7, 5], x_test[3, 5] = 0.01, 2.0
+    train_sd = np.std(x_train[:, 5])  # what the scaler divides by
+    expected_z = (2.0 - x_train[:, 5].mean()) / train_sd
+    with pytest.warns(FeatureRangeWarning, match=f"reach {expected_z:.0f} training standard deviations \\(feature 5"):
+        shifted = fit_predict("pca_ridge", x_train, y_train, x_test, preprocessing="hest-code")
+    assert shifted.details["max_abs_test_z_feature"] == 5
+    assert shifted.details["max_abs_test_z"] == pytest.approx(expected_z, abs=0.05)
+    assert "max_abs_test_z" not in fit_predict("pca_ridge", x_train, y_train, x_test, preprocessing="paper").details
 
 
 def test_pearson_per_gene_equals_numpy_corrcoef() -> None:

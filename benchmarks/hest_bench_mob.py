@@ -123,6 +123,11 @@ def scores(results) -> dict:
             "std": round(r.std, 4),
             "folds": [round(fold.mean, 4) for fold in r.folds],
             "n_undefined_genes": [fold.n_undefined for fold in r.folds],
+            **(
+                {"max_abs_test_z": [fold.details["max_abs_test_z"] for fold in r.folds]}
+                if all("max_abs_test_z" in fold.details for fold in r.folds)
+                else {}
+            ),
         }
         for r in results.results
     }

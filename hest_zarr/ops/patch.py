@@ -360,16 +360,23 @@ class _Recycler:
 
     Fresh memory costs the kernel a page fault and zeroing per 4 KiB; reusing dropped batches saves that (a
     few percent of patching time on the benchmark slide). A batch still referenced (kept, viewed, wrapped by
-    ``torch.from_numpy``) has more references than the recycler's own and is never reused.
+    ``torch.from_numpy``) has more references than the recycler's own and is never reused. The recycler's own
+    count is measured once on a probe array, through the same code, rather than assumed: interpreters differ in
+    which temporary references they count.
     """
 
     def __init__(self, keep: int = 8) -> None:
-        self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=keep)
+        self._recent: collections.deque[np.ndarray] = collections.deque([np.empty(0, dtype=np.uint8)], maxlen=keep)
+        self._alone = next(self._reference_counts())[1]
+        self._recent.clear()
+
+    def _reference_counts(self) -> Iterator[tuple[np.ndarray, int]]:
+        for array in self._recent:
+            yield array, sys.getrefcount(array)
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        for array in self._recent:
-            # references: the deque, the loop variable, getrefcount's argument
-            if array.shape == shape and sys.getrefcount(array) == 3:
+        for array, references in self._reference_counts():
+            if references == self._alone and array.shape == shape:
                 return array
         array = np.empty(shape, dtype=np.uint8)
         self._recent.append(array)

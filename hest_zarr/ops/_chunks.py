@@ -178,8 +178,11 @@ class ChunkReader:
         return self._fill if data is None else self._decode_checked(data, key)
 
     def _decode_checked(self, data: bytes, key: ChunkKey) -> np.ndarray:
+        try:  # pop, not test then pop: another worker may take the last spare in between
+            out = self._spare.pop()
+        except IndexError:
+            out = np.empty_like(self._fill)
         try:
-            out = self._spare.pop() if self._spare else np.empty_like(self._fill)
             return self._decode(data, out)  # type: ignore[misc]
         except Exception as err:
             where = f"{self.level.location.url}: chunk {self.object_key(key)}"

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import s3fs
+from spatialdata.models import Image2DModel
 
 import hest_zarr
 from hest_zarr.converters import read_visium
-from hest_zarr.converters._common import build_sample, circle_spots
+from hest_zarr.converters._common import build_sample, circle_spots, frame_transformations
 from hest_zarr.converters.slides import he_element, slide_image
 from hest_zarr.errors import CorruptStoreError, InputError, RemoteUnreachableError
 from hest_zarr.ops import _chunks
@@ -196,6 +197,38 @@ def test_store_without_image_or_element(perik_visium: Path, svs_store, tmp_path:
         extract_patches(url)
     with pytest.raises(InputError, match="no shapes or points element 'nuclei'"):
         plan_patches(hest_zarr.open(svs_store[0]), element="nuclei")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "jpeg"])
+def test_single_channel_patches_equal_direct_crops(svs_store, tmp_path: Path, codec: str) -> None:
+    """A one-channel uint8 image (CMU-1's green channel: no real greyscale slide is offline) patches like RGB."""
+    _, level0, _ = svs_store
+    green = np.ascontiguousarray(level0[:700, :600, 1])[None]
+    ids, centres = ["middle", "corner", "far_corner"], np.array([[300.0, 350.0], [10.0, 10.0], [590.0, 690.0]])
+    sdata = build_sample(
+        converter="slides",
+        metadata={"id": "green", "st_technology": "Visium"},
+        pixel_size_um=PIXEL_SIZE,
+        inputs={"he": ["green channel of CMU-1"]},
+        images={
+            "he": Image2DModel.parse(
+                green, dims=("c", "y", "x"), c_coords=["g"], transformations=frame_transformations(PIXEL_SIZE)
+            )
+        },
+        shapes={"spots": circle_spots(centres, 20, ids, PIXEL_SIZE)},
+    )
+    url = tmp_path / f"green_{codec}.zarr"
+    hest_zarr.write(sdata, url, image_codec=codec, chunk_size=256)
+    stored = hest_zarr.open(url)["he"]
+    stored = (stored["scale0"]["image"] if "scale0" in getattr(stored, "children", {}) else stored).values[0]
+    if codec == "zstd":
+        np.testing.assert_array_equal(stored, green[0])
+    _, images, coords = all_patches(url, size_px=112, pixel_size_um=PIXEL_SIZE)
+    assert sorted(images) == sorted(ids)
+    for spot, pixels in images.items():
+        x0, y0 = (int(value) for value in coords[spot])
+        assert pixels.shape == (112, 112, 1)
+        np.testing.assert_array_equal(pixels, direct_crop(stored[..., None], x0, y0, 112)[..., :1], err_msg=spot)
 
 
 def test_corrupt_chunk_names_the_chunk(svs_store, tmp_path: Path) -> None:

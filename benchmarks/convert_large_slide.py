@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -41,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 from _slides import QUALITY, TILE, make_slide
+from _watchdog import GIB, run_watched
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "convert_large_slide.json"
-GIB = 2**30
 #: What each measured path does (recorded with the results).
 PATHS = {
     "ours_zstd": "slide_image + he_element + hest_zarr.write(image_codec='zstd', chunk_size=512): one-pass pyramid",
@@ -161,32 +160,9 @@ def child_main(arguments: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- the parent
 def run_child(label: str, arguments: list[str], *, memory_limit: int, time_limit: float, output: Path) -> dict:
     """Run one path in a subprocess under a watchdog; return its measurements (or why it was stopped)."""
-    command = [sys.executable, __file__, *arguments]
-    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watched = psutil.Process(process.pid)
-    polled_peak, stopped = 0, None
-    while process.poll() is None:
-        try:
-            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
-        except psutil.NoSuchProcess:
-            break
-        polled_peak = max(polled_peak, rss)
-        elapsed = time.perf_counter() - start
-        if rss > memory_limit or elapsed > time_limit:
-            stopped = f"stopped by the watchdog at {elapsed:.0f} s with {rss / GIB:.2f} GiB RSS"
-            process.kill()
-            break
-        time.sleep(0.25)
-    stdout, stderr = process.communicate()
-    entry: dict = {"label": label, "process_wall_s": time.perf_counter() - start, "polled_peak_rss_bytes": polled_peak}
-    if stopped is not None:
-        entry["stopped"] = stopped
-    elif process.returncode != 0:
-        entry["failed"] = stderr.strip().splitlines()[-5:]
-    else:
-        entry.update(json.loads(stdout.strip().splitlines()[-1]))
+    watched = run_watched(__file__, label, arguments, memory_limit=memory_limit, time_limit=time_limit)
+    entry = {"label": label, **watched}
+    if "wall_s" in entry:
         entry["output_bytes"] = folder_bytes(output) if output.is_dir() else output.stat().st_size
     shown = {k: v for k, v in entry.items() if k in ("wall_s", "peak_rss_bytes", "output_bytes", "stopped", "failed")}
     print(f"    {shown}", flush=True)

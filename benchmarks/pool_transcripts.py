@@ -54,10 +54,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from _watchdog import GIB, run_watched
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "pool_transcripts.json"
-GIB = 2**30
 SIZE_UM = 55.0
 MIN_QV = 20.0
 EXTENT_UM = 10_000.0
@@ -293,36 +293,8 @@ def prepare(arguments: list[str]) -> dict:
 
 def run_child(label: str, arguments: list[str], *, memory_limit: int, time_limit: float) -> dict:
     """Run one method in a subprocess under a watchdog; return its measurements (or why it was stopped)."""
-    command = [sys.executable, __file__, *arguments]
-    print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watched = psutil.Process(process.pid)
-    polled_peak, stopped = 0, None
-    while process.poll() is None:
-        try:
-            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
-        except psutil.NoSuchProcess:
-            break
-        polled_peak = max(polled_peak, rss)
-        elapsed = time.perf_counter() - start
-        if rss > memory_limit:
-            stopped = f"out of memory: stopped by the watchdog at {elapsed:.0f} s with {rss / GIB:.2f} GiB RSS"
-        elif elapsed > time_limit:
-            stopped = f"stopped by the watchdog after {elapsed:.0f} s"
-        if stopped:
-            process.kill()
-            break
-        time.sleep(0.1)
-    stdout, stderr = process.communicate()
-    entry: dict = {"process_wall_s": time.perf_counter() - start, "polled_peak_rss_bytes": polled_peak}
-    if stopped is not None:
-        entry["stopped"] = stopped
-    elif process.returncode != 0:
-        lines = stderr.strip().splitlines()
-        entry["failed"] = "out of memory (MemoryError)" if any("MemoryError" in x for x in lines) else lines[-5:]
-    else:
-        entry.update(json.loads(stdout.strip().splitlines()[-1]))
+    entry = run_watched(__file__, label, arguments, memory_limit=memory_limit, time_limit=time_limit)
+    if "wall_s" in entry:
         entry["rate_M_per_s"] = entry["n_read"] / entry["wall_s"] / 1e6
         entry["peak_rss_gib"] = entry["peak_rss_bytes"] / GIB
     shown = {k: entry[k] for k in ("wall_s", "rate_M_per_s", "peak_rss_gib", "stopped", "failed") if k in entry}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -41,6 +42,7 @@ from hest_zarr.ops.patch import (
     plan_patches,
     read_patches,
 )
+from hest_zarr.schemas import annotated_region
 from hest_zarr.store import StorageOptions
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -105,22 +107,23 @@ class SamplePatches:
 
 
 def _expression_rows(sdata: Any, url: str, element: str, ids: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-    for table in sdata.tables.values():
-        attrs = table.uns.get("spatialdata_attrs", {})
-        if attrs.get("region") != element:
-            continue
-        missing = [gene for gene in genes if gene not in table.var_names]
-        if missing:
-            raise InputError(f"{url}: genes {missing[:5]} ({len(missing)} in all) are not in the table of '{element}'")
-        rows = table.obs[attrs["instance_key"]].astype(str)
-        position = {spot: row for row, spot in enumerate(rows)}
-        absent = [spot for spot in ids if spot not in position]
-        if absent:
-            raise InputError(f"{url}: {len(absent)} patches have no expression row (e.g. {absent[0]!r})")
-        columns = table.var_names.get_indexer(list(genes))
-        matrix = table.X[[position[spot] for spot in ids]][:, columns]
-        return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
-    raise InputError(f"{url}: genes were asked for, but no table annotates '{element}'")
+    """Return the rows of ``ids`` in the expression table of ``element`` (not any other table annotating it)."""
+    names = [name for name in sdata.tables if annotated_region(name) == element]
+    if not names:
+        raise InputError(f"{url}: genes were asked for, but no expression table annotates '{element}'")
+    table = sdata.tables[names[0]]
+    missing = [gene for gene in genes if gene not in table.var_names]
+    if missing:
+        raise InputError(f"{url}: genes {missing[:5]} ({len(missing)} in all) are not in '{names[0]}'")
+    spot_ids = pd.Index(table.obs[table.uns["spatialdata_attrs"]["instance_key"]].astype(str))
+    if spot_ids.has_duplicates:
+        raise InputError(f"{url}: '{names[0]}' has spot {spot_ids[spot_ids.duplicated()][0]!r} twice")
+    rows = spot_ids.get_indexer(ids)
+    if (rows < 0).any():
+        absent = np.asarray(ids)[rows < 0]
+        raise InputError(f"{url}: {len(absent)} patches have no row in '{names[0]}' (e.g. {absent[0]!r})")
+    matrix = table.X[rows][:, table.var_names.get_indexer(list(genes))]
+    return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
 
 
 class _Items:
@@ -310,7 +313,8 @@ class IterablePatchDataset(_Items, IterableDataset):
         for unit in share:
             number, indices = units[unit]
             sample = self.samples[number]
-            for batch in read_patches(sample.plan.subset(indices), sample.reader):
+            # one batch per unit, so that shuffling mixes the whole unit, not neighbours 16 at a time
+            for batch in read_patches(sample.plan.subset(indices), sample.reader, batch_size=len(indices)):
                 positions = rng.permutation(len(batch.indices)) if self.shuffle else range(len(batch.indices))
                 for position in positions:
                     within = batch.indices[position]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader  # noqa: E402
 
 import hest_zarr  # noqa: E402
+from hest_zarr.bench.embed import embeddings_table  # noqa: E402
 from hest_zarr.converters import read_visium  # noqa: E402
 from hest_zarr.errors import InputError  # noqa: E402
 from hest_zarr.ops.patch import extract_patches  # noqa: E402
+from hest_zarr.schemas import Provenance  # noqa: E402
 from hest_zarr.stream import IterablePatchDataset, PatchDataset  # noqa: E402
 
 GENES = ["Sox11", "Pdia3", "Basp1"]
@@ -31,7 +34,18 @@ def perik_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
         tmp_path_factory.mktemp("stream") / "perik.zarr",
         chunk_size=128,
     )
-    level0_um = hest_zarr.get_record(hest_zarr.open(url)).pixel_size_um / 0.2
+    sdata = hest_zarr.open(url)
+    level0_um = hest_zarr.get_record(sdata).pixel_size_um / 0.2
+    # a cached-embeddings table also annotates 'spots' and sorts before 'spot_expression': genes must not come from it
+    ids = sdata["spot_expression"].obs["spot_id"].to_numpy()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+        hest_zarr.add_elements(
+            url,
+            {"embeddings_a": embeddings_table(ids, np.zeros((len(ids), 2)))},
+            {"embeddings_a": Provenance(converter="test", inputs=[str(url)], method="zeros")},
+        )
+    assert sorted(hest_zarr.open(url).tables) == ["embeddings_a", "spot_expression"]
     return url, level0_um
 
 
@@ -122,5 +136,5 @@ def test_transforms_and_bad_genes(perik_store) -> None:
     assert item["image"].dtype == torch.float32 and float(item["image"].max()) <= 1.0
     raw = PatchDataset(url, genes=GENES, size_px=16, pixel_size_um=level0_um)[0]["expression"]
     torch.testing.assert_close(item["expression"], torch.log1p(raw))
-    with pytest.raises(InputError, match=r"genes \['NOT_A_GENE'\] \(1 in all\) are not in the table of 'spots'"):
+    with pytest.raises(InputError, match=r"genes \['NOT_A_GENE'\] \(1 in all\) are not in 'spot_expression'"):
         PatchDataset(url, genes=["Sox11", "NOT_A_GENE"], size_px=16, pixel_size_um=level0_um)

@@ -369,8 +369,8 @@ def write(
     location = _locate(url, storage_options)
     with _network_errors(location.url):
         exists = location.fs.exists(location.path)
-    if exists and not overwrite:
-        raise HestZarrError(f"{location.url}: already exists (pass overwrite=True to replace it)")
+    if exists:
+        _check_replaceable(location, overwrite)
 
     if location.is_local:
         target = Path(location.path)
@@ -422,6 +422,22 @@ def _write_element(
         )
     else:
         non_raster.write_element(name)
+
+
+def _check_replaceable(location: _Location, overwrite: bool) -> None:
+    """Refuse to replace an existing target unless asked to, and never one that is not a zarr store.
+
+    ``overwrite=True`` on a mistyped path (a home folder, a data folder) must not delete it.
+    """
+    if not overwrite:
+        raise HestZarrError(f"{location.url}: already exists (pass overwrite=True to replace it)")
+    with _network_errors(location.url):
+        is_zarr = location.fs.exists(location.join(ROOT_METADATA))
+    if not is_zarr:
+        raise HestZarrError(
+            f"{location.url}: exists and is not a zarr store (no {ROOT_METADATA}); not replacing it "
+            "(delete it yourself if it is what you meant)"
+        )
 
 
 def _replace_local(staging: Path, target: Path) -> None:

@@ -171,6 +171,12 @@ def test_overwrite_replaces_and_refuses_without_flag(tmp_path: Path, scanpy_visi
     hest_zarr.write(read_visium(perik_visium), url, overwrite=True)
     assert hest_zarr.open(url)["spot_expression"].n_obs == 2898
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    data = tmp_path / "my_data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(hest_zarr.errors.HestZarrError, match="is not a zarr store"):
+        hest_zarr.write(read_visium(scanpy_visium), data, overwrite=True)
+    assert (data / "notes.txt").read_text() == "keep me"
 
 
 # ------------------------------------------------------------------------------------------ remote (moto S3)

@@ -119,7 +119,8 @@ class ChunkReader:
 
     def release(self, chunks: Iterable[np.ndarray]) -> None:
         """Hand back chunk arrays nothing reads any more (patches are copies), to be decoded into again."""
-        self._spare.extend(chunk for chunk in chunks if chunk is not self._fill)
+        if self._decode is not None:  # zarr's own reads allocate their arrays: nothing would take the spares
+            self._spare.extend(chunk for chunk in chunks if chunk is not self._fill)
 
     def submit_many(self, keys: list[ChunkKey]) -> dict[ChunkKey, Future[np.ndarray]]:
         """Start fetching and decoding chunks; return one future per chunk.

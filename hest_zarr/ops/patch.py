@@ -45,10 +45,11 @@ from spatialdata.transformations import get_transformation
 
 import hest_zarr
 from hest_zarr._constants import CoordinateSystems, Elements, Keys
-from hest_zarr.errors import HestZarrError, InputError
+from hest_zarr.errors import InputError
 from hest_zarr.ops._chunks import ChunkKey, ChunkReader, LevelArray
 from hest_zarr.store import (
     StorageOptions,
+    _check_replaceable,
     _locate,
     _network_errors,
     _open_zarr_group,
@@ -652,14 +653,13 @@ def open_patches(url: str | Path, storage_options: StorageOptions = None) -> Pat
     with _network_errors(location.url):
         if not location.fs.exists(location.join("zarr.json")):
             raise InputError(f"{location.url}: not a patch store (no zarr.json)")
-        root = zarr.open_group(location.path if location.is_local else _store(location), mode="r")
-        if "hest_zarr_patches" not in root.attrs or "img" not in root:
+        root = zarr.open_group(location.path, mode="r") if location.is_local else _open_zarr_group(location)
+        if "hest_zarr_patches" not in root.attrs:
             raise InputError(f"{location.url}: a zarr group but not a hest-zarr patch store")
+        missing = sorted({"img", "barcode", "coords"} - set(root.keys()))
+        if missing:
+            raise InputError(f"{location.url}: a patch store without its {missing} array(s)")
         return Patches(root["img"], root["barcode"][:], root["coords"][:], dict(root.attrs["hest_zarr_patches"]))
-
-
-def _store(location: Any) -> zarr.storage.FsspecStore:
-    return zarr.storage.FsspecStore.from_url(location.url, storage_options=location.storage_options or None)
 
 
 def export_hest_h5(
@@ -673,6 +673,8 @@ def export_hest_h5(
 
     store = patches if isinstance(patches, Patches) else open_patches(patches, storage_options)
     h5_path = Path(h5_path)
+    if not h5_path.parent.is_dir():
+        raise InputError(f"{h5_path}: the folder {h5_path.parent} does not exist")
     partial = h5_path.with_name(f".{h5_path.name}.partial")
     try:
         with h5py.File(partial, "w") as h5:
@@ -713,13 +715,15 @@ def _hest_h5(h5_path: Path) -> Iterator[tuple[Any, Any, np.ndarray]]:
                 f"{h5_path}: img {images.shape}, coords {coords.shape} and barcode {barcodes.shape} do not line up "
                 "as N square patches"
             )
+        if images.shape[3] != 3 or images.dtype != np.uint8 or len(images) == 0:
+            raise InputError(f"{h5_path}: img is {images.dtype} {images.shape}; expected N >= 1 RGB uint8 patches")
         yield images, coords, barcodes
 
 
 def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
     with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
-        return images[:].astype(np.uint8, copy=False), coords[:].astype(np.int64), barcodes
+        return images[:], coords[:].astype(np.int64), barcodes
 
 
 def import_hest_h5(
@@ -763,6 +767,6 @@ def _patch_target(out: str | Path, overwrite: bool, storage_options: StorageOpti
     target = _locate(out, storage_options)
     with _network_errors(target.url):
         exists = target.fs.exists(target.path)
-    if exists and not overwrite:
-        raise HestZarrError(f"{target.url}: already exists (pass overwrite=True to replace it)")
+    if exists:
+        _check_replaceable(target, overwrite)
     return target, exists

@@ -25,9 +25,11 @@ from hest_zarr.ops.patch import (
     export_hest_h5,
     extract_patches,
     import_hest_h5,
+    open_levels,
     open_patches,
     plan_patches,
     read_hest_h5,
+    read_patches,
     write_patches,
 )
 from tests.conftest import moto_server, shared
@@ -116,6 +118,20 @@ def test_batches_the_caller_holds_are_never_reused_and_dropped_ones_are(svs_stor
             np.testing.assert_array_equal(pixels, direct_crop(level0, int(x0), int(y0), 64))
 
 
+def test_arrays_without_the_direct_decoder_read_through_zarr(svs_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other codec chains go through zarr: same patches, and no spare chunk arrays pile up across passes."""
+    url, level0, _ = svs_store
+    monkeypatch.setattr(_chunks, "_decoder", lambda array: None)
+    plan = plan_patches(hest_zarr.open(url), size_px=224, pixel_size_um=0.5)
+    reader = _chunks.ChunkReader(open_levels(url)[0], workers=2)
+    for _ in range(2):
+        for batch in read_patches(plan, reader, batch_size=7):
+            for (x0, y0), pixels in zip(batch.coords, batch.images, strict=True):
+                np.testing.assert_array_equal(pixels, direct_crop(level0, int(x0), int(y0), 224))
+        assert reader._spare == []
+    reader.close()
+
+
 def test_level1_patches_equal_crops_of_level1_and_of_downsampled_level0(svs_store) -> None:
     url, level0, level1 = svs_store
     plan, images, coords = all_patches(url, size_px=112, pixel_size_um=1.0)
@@ -168,7 +184,12 @@ def test_visium_lowres_image_patches_are_centred_on_space_ranger_positions(perik
 def test_in_tissue_only_and_grid_over_the_image(perik_visium: Path, tmp_path: Path) -> None:
     url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
     sdata = hest_zarr.open(url)
-    assert len(plan_patches(sdata, pixel_size_um=40.0, size_px=4, in_tissue_only=True)) == 2898
+    obs = sdata["spot_expression"].obs
+    assert (obs["in_tissue"] == 1).all()  # every perik spot is under tissue: flag a third of them off
+    obs["in_tissue"] = np.where(np.arange(len(obs)) % 3 == 0, 0, 1)
+    kept = plan_patches(sdata, pixel_size_um=40.0, size_px=4, in_tissue_only=True)
+    assert sorted(kept.ids) == sorted(obs.loc[obs["in_tissue"] == 1, "spot_id"].astype(str))
+    assert len(plan_patches(sdata, pixel_size_um=40.0, size_px=4)) == 2898
     level0_um = hest_zarr.get_record(sdata).pixel_size_um / 0.2
     grid = plan_patches(sdata, element="grid", pixel_size_um=level0_um, size_px=100)
     # no tissue element: 100 px tiles cover the whole 600 x 600 image
@@ -328,6 +349,13 @@ def test_bad_hest_h5_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"do not line up as N square patches"):
         import_hest_h5(tmp_path / "uneven.h5", tmp_path / "uneven.zarr")
     assert not (tmp_path / "uneven.zarr").exists()
+    for name, pixels in (("grey", np.zeros((2, 4, 4, 1), np.uint8)), ("empty", np.zeros((0, 4, 4, 3), np.uint8))):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as h5:
+            h5["img"], h5["coords"] = pixels, np.zeros((len(pixels), 2))
+            h5["barcode"] = np.array([b"a", b"b"][: len(pixels)], dtype="S1")
+        with pytest.raises(InputError, match=r"expected N >= 1 RGB uint8 patches"):
+            import_hest_h5(tmp_path / f"{name}.h5", tmp_path / f"{name}.zarr")
+        assert not (tmp_path / f"{name}.zarr").exists()
 
 
 def test_patch_command_writes_the_store_and_the_h5(svs_store, tmp_path: Path) -> None:
@@ -348,3 +376,8 @@ def test_patch_command_writes_the_store_and_the_h5(svs_store, tmp_path: Path) ->
     missing = CliRunner().invoke(app, ["patch", str(tmp_path / "nope.zarr"), str(tmp_path / "q.zarr")])
     assert missing.exit_code == 1 and "error:" in missing.output and "nope.zarr" in missing.output
     assert not (tmp_path / "q.zarr").exists()
+    no_folder = CliRunner().invoke(
+        app, ["patch", str(url), str(tmp_path / "r.zarr"), "--h5", str(tmp_path / "absent" / "r.h5")]
+    )
+    assert no_folder.exit_code == 1 and "Traceback" not in no_folder.output
+    assert "absent does not exist" in no_folder.output and not (tmp_path / "r.zarr").exists()

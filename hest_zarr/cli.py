@@ -93,6 +93,12 @@ def _clear_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _check_output_folder(path: Path | None) -> None:
+    """Refuse a local output file whose folder does not exist, before any work is done."""
+    if path is not None and not path.parent.is_dir():
+        raise HestZarrError(f"{path}: the folder {path.parent} does not exist")
+
+
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[None]:
     if enabled and sys.stderr.isatty():
@@ -236,6 +242,7 @@ def patch(
     from hest_zarr.ops.patch import export_hest_h5, open_patches, write_patches
 
     with _clear_errors():
+        _check_output_folder(h5)
         written = write_patches(
             url,
             output,
@@ -304,10 +311,11 @@ def pixel_size(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Estimate the pixel size from the spot lattice and compare it with the embedded and the store's values."""
+    from hest_zarr._lattice import PixelSizeDisagreementWarning
     from hest_zarr.ops.pixel_size import estimate_pixel_size
 
     with _clear_errors(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the disagreement is printed below
+        warnings.simplefilter("ignore", PixelSizeDisagreementWarning)  # the disagreement is printed below
         report = estimate_pixel_size(
             url, spots=spots, tolerance=tolerance, write=write, storage_options=_storage_options(storage_options)
         )
@@ -394,6 +402,7 @@ def align_image(
     from hest_zarr.ops.align import align_image as align_one
 
     with _clear_errors():
+        _check_output_folder(out)
         result = align_one(image, slide=slide.value, detector=detector.value)
     result.spots[[*SPOT_COLUMNS, "in_tissue"]].to_csv(out, index=False)
     console.print(f"wrote {len(result.spots)} spots to {out}: {_alignment_summary(result)}", highlight=False)

@@ -299,6 +299,10 @@ def test_cli_align_image(spatial: Path, tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot align" in lines[0] and "no lattice of fiducial dots" in lines[0]
     assert not (tmp_path / "x.csv").exists()
+    no_folder = runner.invoke(
+        app, ["align-image", str(spatial / "tissue_lowres_image.png"), "--out", str(tmp_path / "absent" / "x.csv")]
+    )
+    assert no_folder.exit_code == 1 and "absent does not exist" in no_folder.stderr
 
 
 def test_align_refuses_tables_that_do_not_match_their_spots(scanpy_visium: Path, tmp_path: Path) -> None:

@@ -40,14 +40,14 @@ def embeddings_table_name(
 
     Examples
     --------
-    >>> embeddings_table_name("uni"), embeddings_table_name("uni", 224, 4.385)
-    ('embeddings_uni', 'embeddings_uni_224px_4p385um')
+    >>> embeddings_table_name("uni"), embeddings_table_name("uni.v2", 224, 4.385)
+    ('embeddings_uni', 'embeddings_uni.v2_224px_4p385um')
 
     """
     name = f"{Elements.EMBEDDINGS_PREFIX}{encoder_name}"
     if (size_px, pixel_size_um) == (PATCH_SIZE_PX, PATCH_PIXEL_SIZE_UM):
         return name
-    return f"{name}_{size_px}px_{pixel_size_um:g}um".replace(".", "p")
+    return f"{name}_{size_px}px_{format(pixel_size_um, 'g').replace('.', 'p')}um"
 
 
 def cache_fingerprint(encoder: Encoder, element: str, size_px: int, pixel_size_um: float) -> dict[str, Any]:
@@ -225,7 +225,10 @@ def sample_embeddings(
     if (rows < 0).any():
         raise HestZarrError(f"{url}: spot {ids[int(np.argmax(rows < 0))]!r} has no patch")
     if cache:
-        _write_cache(url, table_name, fingerprint, encoder, plan, embeddings, element, precision, storage_options)
+        try:
+            _write_cache(url, table_name, fingerprint, encoder, plan, embeddings, element, precision, storage_options)
+        except (HestZarrError, OSError, NotImplementedError) as err:  # a read-only store: keep the embeddings
+            warnings.warn(f"{url}: embeddings computed but not cached ({type(err).__name__}: {err})", stacklevel=2)
     return SampleEmbeddings(ids, embeddings[rows], table_name, False, time.perf_counter() - start)
 
 

@@ -36,6 +36,7 @@ model hub: weights are local files or the installed package's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -443,8 +444,8 @@ def callable_encoder(
     except (ImportError, AttributeError, ValueError) as err:
         raise InputError(f"encoder {name!r}: cannot import {target!r} (expected 'module:function')") from err
     built = factory(**dict(kwargs or {}))
-    if isinstance(built, Encoder):
-        return built
+    if isinstance(built, Encoder):  # the factory's own normalisation stands; the spec's name names it
+        return dataclasses.replace(built, name=name)
     if not callable(built):
         raise InputError(f"encoder {name!r}: {target} returned {type(built).__name__}, not a callable")
     if isinstance(built, nn.Module):

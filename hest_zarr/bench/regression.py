@@ -172,6 +172,8 @@ def fit_predict(
     (1.6666666666666667, True)
 
     """
+    if isinstance(preprocessing, str) and preprocessing not in PRESETS:
+        raise InputError(f"unknown preprocessing {preprocessing!r}; expected one of {sorted(PRESETS)}")
     options = PRESETS[preprocessing] if isinstance(preprocessing, str) else preprocessing
     x_train, x_test = np.asarray(x_train, dtype=np.float64), np.asarray(x_test, dtype=np.float64)
     y_train = np.asarray(y_train, dtype=np.float64)

@@ -133,16 +133,17 @@ def load_config(path: str | Path, **overrides: Any) -> BenchConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    data.update({key: value for key, value in overrides.items() if value is not None})
-    for key in ("tasks", "encoders"):
-        if not data.get(key):
-            raise InputError(f"{path}: '{key}' must list at least one entry")
+    # paths in the file are relative to the file; paths given as overrides (the command line) to the working folder
     folder = path.parent
-    data["tasks"] = [folder / task if isinstance(task, str) else task for task in data["tasks"]]
+    data["tasks"] = [folder / task if isinstance(task, str) else task for task in data.get("tasks") or []]
     for key in ("output", "store_root"):
         value = data.get(key)
         if isinstance(value, str | Path) and "://" not in str(value):
             data[key] = folder / value
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    for key in ("tasks", "encoders"):
+        if not data.get(key):
+            raise InputError(f"{path}: '{key}' must list at least one entry")
     return BenchConfig(**data)
 
 

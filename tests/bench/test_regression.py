@@ -174,3 +174,5 @@ def test_unknown_regressor_and_misaligned_inputs_are_refused() -> None:
         fit_predict("lasso", x_train, y_train, x_test)
     with pytest.raises(InputError, match="do not line up"):
         fit_predict("ridge", x_train, y_train[:10], x_test)
+    with pytest.raises(InputError, match="unknown preprocessing 'papr'"):
+        fit_predict("ridge", x_train, y_train, x_test, preprocessing="papr")

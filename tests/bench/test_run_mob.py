@@ -7,6 +7,7 @@ from the count TSVs with pandas, Ridge in closed form with numpy, Pearson with s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,8 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 import hest_zarr
-from hest_zarr.bench import TASKS_FOLDER, BenchConfig, Encoder, Task, load_task, run_benchmark
-from hest_zarr.bench.encoders import build_encoder
+from hest_zarr.bench import TASKS_FOLDER, BenchConfig, Encoder, Task, load_task, run_benchmark, select_task_genes
+from hest_zarr.bench.run import load_config
 from hest_zarr.cli import app
 from hest_zarr.converters.st_v1 import read_st_v1
 from hest_zarr.errors import InputError
@@ -219,6 +220,12 @@ def test_a_patient_in_train_and_test_is_refused_before_compute(stores: Path, tmp
     assert encoder.model.calls == 0
 
 
+def test_shipped_gene_list_follows_from_the_stores(stores: Path) -> None:
+    """The task's 50 genes are what the selection rule picks from the converted sections today."""
+    task = load_task(TASKS_FOLDER / "MOB_ST_v1")
+    assert select_task_genes(dataclasses.replace(task, genes=None), store_root=stores).genes == task.genes
+
+
 def test_cli_runs_a_config_file(stores: Path, tmp_path: Path) -> None:
     config = {
         "protocol": "hest-bench-1.0",
@@ -233,7 +240,8 @@ def test_cli_runs_a_config_file(stores: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "| pixels_2x2 | ridge |" in result.stdout
     assert (tmp_path / "out" / "results.json").is_file()  # relative to the config file
-    assert build_encoder(config["encoders"][0]).fingerprint["target"] == "torch.nn:Identity"
+    # an output given on the command line is relative to the working folder, not to the config file
+    assert load_config(tmp_path / "bench.yaml", output=Path("elsewhere")).output == Path("elsewhere")
     config["encoders"][0]["kind"] = "uni"
     (tmp_path / "bad.yaml").write_text(json.dumps(config))
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "bad.yaml")])

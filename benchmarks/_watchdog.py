@@ -1,4 +1,4 @@
-"""Run one benchmark method in a child process under a memory and time watchdog.
+"""Run one benchmark method in a child process under a memory and time watchdog; scratch folders.
 
 The child is the calling script run again with other arguments; it prints its measurements as one JSON line last.
 The parent polls the RSS of the child's process tree and kills it beyond ``memory_limit`` bytes or ``time_limit``
@@ -8,9 +8,11 @@ seconds, so that a peer that runs out of memory is reported instead of taking th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -55,3 +57,29 @@ def run_watched(script: str, label: str, arguments: list[str], *, memory_limit: 
     else:
         entry.update(json.loads(stdout.strip().splitlines()[-1]))
     return entry
+
+
+#: File that marks a scratch folder as a benchmark's own, so that only such folders are ever deleted.
+WORKDIR_MARK = ".hest-zarr-benchmark"
+
+
+def claim_workdir(path: Path, *, empty: bool) -> Path:
+    """Create ``path`` as a benchmark's scratch folder (``empty``: clear a previous run's first).
+
+    An existing folder is only reused or cleared when a benchmark made it: ``--workdir ~/data`` is refused,
+    never deleted.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / WORKDIR_MARK).is_file():
+        raise SystemExit(f"{path}: exists and was not made by a benchmark; choose another --workdir")
+    if empty:
+        release_workdir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WORKDIR_MARK).touch()
+    return path
+
+
+def release_workdir(path: Path) -> None:
+    """Delete a scratch folder made by :func:`claim_workdir` (and nothing else)."""
+    if (Path(path) / WORKDIR_MARK).is_file():
+        shutil.rmtree(path, ignore_errors=True)

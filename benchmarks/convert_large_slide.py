@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from _slides import QUALITY, TILE, make_slide
-from _watchdog import GIB, run_watched
+from _watchdog import GIB, claim_workdir, release_workdir, run_watched
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "convert_large_slide.json"
@@ -229,9 +229,7 @@ def print_table(results: dict) -> None:
 
 
 def parent_main(arguments: argparse.Namespace) -> None:
-    workdir = Path(arguments.workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = claim_workdir(Path(arguments.workdir), empty=True)
     available = psutil.virtual_memory().available
     memory_limit = int(min(arguments.memory_limit_gib * GIB, available - 2 * GIB))
     results: dict = {
@@ -294,7 +292,7 @@ def parent_main(arguments: argparse.Namespace) -> None:
             results["summary"].append(summarise(size, runs))
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        release_workdir(workdir)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 

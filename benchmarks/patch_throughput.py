@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from _slides import PIXEL_SIZE_UM, QUALITY, TILE, make_slide
+from _watchdog import claim_workdir, release_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "patch_throughput.json"
@@ -84,7 +85,7 @@ def build_stores(workdir: Path, size: int, n_spots: int) -> dict[str, Path]:
     from hest_zarr.converters.hest import write_pyramidal_tiff
     from hest_zarr.converters.slides import he_element, slide_image
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    claim_workdir(workdir, empty=False)  # a kept slide and stores (--keep) are reused
     slide = workdir / f"slide_{size}.tif"
     if not slide.exists():
         print(f"building {slide} ...", flush=True)
@@ -472,7 +473,7 @@ def main() -> None:
         print(f"{name:40s} {value:>10}")
     print(f"wrote {RESULTS}")
     if not arguments.keep:
-        shutil.rmtree(arguments.workdir, ignore_errors=True)
+        release_workdir(arguments.workdir)
 
 
 if __name__ == "__main__":

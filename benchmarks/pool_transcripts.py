@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _watchdog import GIB, run_watched
+from _watchdog import GIB, claim_workdir, release_workdir, run_watched
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "pool_transcripts.json"
@@ -361,9 +361,7 @@ def print_table(results: dict) -> None:
 
 
 def parent_main(arguments: argparse.Namespace) -> None:
-    workdir = Path(arguments.workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = claim_workdir(Path(arguments.workdir), empty=True)
     available = psutil.virtual_memory().available
     memory_limit = int(min(arguments.memory_limit_gib * GIB, available - GIB))
     sizes = [int(s) for s in arguments.sizes.split(",")]
@@ -432,7 +430,7 @@ def parent_main(arguments: argparse.Namespace) -> None:
             parquet.unlink()
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        release_workdir(workdir)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 

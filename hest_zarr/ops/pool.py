@@ -61,7 +61,7 @@ from spatialdata.transformations import BaseTransformation, get_transformation
 import hest_zarr
 from hest_zarr._constants import CoordinateSystems, Elements, Keys
 from hest_zarr._lattice import spans_plane
-from hest_zarr.converters._common import expression_table, square_spots
+from hest_zarr.converters._common import expression_table, integer_counts, square_spots
 from hest_zarr.converters.xenium import is_control_feature
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import Provenance, StoreRecord, expected_kind
@@ -557,7 +557,8 @@ def pool_transcript_batches(
     for batch in batches:
         missing = [name for name in needed if name not in batch.schema.names]
         if missing:
-            raise InputError(f"{source}: missing column(s) {missing}; found {batch.schema.names}")
+            hint = "; without a quality column, pass min_qv=None" if missing == [columns.qv] else ""
+            raise InputError(f"{source}: missing column(s) {missing}; found {batch.schema.names}{hint}")
         n_read += batch.num_rows
         binned = _bin_batch(
             batch, genes, size_um=size_um, origin_um=origin_um, min_qv=min_qv, columns=columns, source=source
@@ -758,6 +759,8 @@ def pool_parquet(
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{files[0]}: not a readable parquet file ({err})") from err
     columns = transcript_columns(schema.names, str(path))
+    if min_qv is not None and columns.qv not in schema.names:
+        raise InputError(f"{path}: no '{columns.qv}' column to filter on; pass min_qv=None to count every molecule")
     needed = [columns.x, columns.y, columns.gene] + ([columns.qv] if min_qv is not None else [])
     batches = iter_parquet_batches(files, filesystem, needed, dictionary_columns=[columns.gene], batch_rows=batch_rows)
     return pool_transcript_batches(
@@ -1041,9 +1044,8 @@ def pool_bin_elements(
     membership = sparse.csr_matrix(
         (np.ones(len(pooled), dtype=np.int64), (pooled, np.arange(len(pooled)))), shape=(len(codes), len(pooled))
     )
-    counts = membership @ sparse.csr_matrix(table.X).astype(np.int64)
-    if counts.nnz and counts.data.max() > _INT32_MAX:
-        raise InputError(f"{source}: pooled counts exceed the int32 range")
+    # integers checked before summing (a float table is refused, not truncated); the sums by expression_table
+    counts = membership @ integer_counts(table.X, source).astype(np.int64)
     n_bins = np.asarray(membership.sum(axis=1)).ravel()
     block_rows, block_cols = codes // max(n_cols, 1), codes % max(n_cols, 1)
     # the centre of a block: the mean of its bins' centres, moved to where the block's array centre maps

@@ -22,6 +22,7 @@ from hest_zarr.errors import InputError
 from hest_zarr.ops import pool
 from hest_zarr.ops.pool import (
     PooledCounts,
+    pool_bin_elements,
     pool_bins,
     pool_parquet,
     pool_transcript_batches,
@@ -232,6 +233,11 @@ def test_bad_transcript_input(
     pq.write_table(pa.Table.from_pandas(transcripts.drop(columns="feature_name")), no_gene)
     with pytest.raises(InputError, match="not a transcript table"):
         pool_parquet(no_gene)
+    no_qv = tmp_path / "no_qv.parquet"
+    pq.write_table(pa.Table.from_pandas(transcripts.drop(columns="qv")), no_qv)
+    with pytest.raises(InputError, match=r"no 'qv' column to filter on; pass min_qv=None"):
+        pool_parquet(no_qv)
+    assert pool_parquet(no_qv, min_qv=None).n_kept == len(transcripts)
     missing_x = transcripts.copy()
     missing_x.loc[10, "x_location"] = np.nan
     nan_file = tmp_path / "nan.parquet"
@@ -403,6 +409,14 @@ def test_bad_hd_input(tmp_path: Path, xenium_store: Path) -> None:
         pool_bins(url, 2, 8)
     with pytest.raises(InputError, match="no 2 um bins to pool"):
         pool_bins(xenium_store, 2, 8)
+    sdata = hest_zarr.open(url)
+    table = sdata["spot_expression_square_002um"]
+    table.X = sparse.csr_matrix(table.X, dtype=np.float64)
+    table.X.data += 0.5  # not counts: refused, not truncated to integers
+    with pytest.raises(InputError, match="counts are not integers"):
+        pool_bin_elements(
+            sdata["spots_square_002um"], table, 4, to_bin_um=8, pixel_size_um=1.0, region="spots_square_008um"
+        )
 
 
 # --------------------------------------------------------------------------------------------- CLI

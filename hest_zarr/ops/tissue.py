@@ -82,6 +82,8 @@ IN_TISSUE_FRACTION = 0.5
 #: Points sampled per axis over a spot's bounding square to measure its tissue fraction (even: none on the centre
 #: lines, so a spot centred on a straight tissue edge measures 0.5).
 SPOT_SAMPLES_PER_AXIS = 8
+#: Spots sampled at a time (each one ~52 points): bounds the memory of flagging millions of Visium HD bins.
+SPOTS_PER_BATCH = 100_000
 #: ImageNet normalisation expected by torchvision's pretrained backbones (and so by DeepLabV3 weights).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -526,15 +528,25 @@ def spot_tissue_fraction(mask: np.ndarray, centres_px: np.ndarray, radii_px: np.
     steps = np.linspace(-1, 1, SPOT_SAMPLES_PER_AXIS)
     dx, dy = np.meshgrid(steps, steps)
     inside = dx**2 + dy**2 <= 1
-    dx, dy = dx[inside], dy[inside]
-    radii = np.broadcast_to(np.asarray(radii_px, dtype=np.float64), (len(centres_px),))[:, None]
-    x = centres_px[:, [0]] + dx[None] * radii
-    y = centres_px[:, [1]] + dy[None] * radii
-    columns, rows = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    offsets = np.c_[dx[inside], dy[inside]]
+    centres_px = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    radii = np.broadcast_to(np.asarray(radii_px, dtype=np.float64), (len(centres_px),))
+    fraction = _covered(mask, centres_px).astype(np.float64)  # sub-pixel spots: the pixel of the centre
+    large = np.flatnonzero(radii >= 0.5)
+    for start in range(0, len(large), SPOTS_PER_BATCH):  # bounded memory (Visium HD: millions of bins)
+        spots = large[start : start + SPOTS_PER_BATCH]
+        samples = centres_px[spots, None, :] + offsets[None] * radii[spots, None, None]
+        fraction[spots] = _covered(mask, samples.reshape(-1, 2)).reshape(len(spots), -1).mean(axis=1)
+    return fraction
+
+
+def _covered(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Whether each point ``(x, y)`` falls on a True pixel of ``mask`` (pixel ``i`` spans ``[i, i + 1)``)."""
+    columns, rows = np.floor(points[:, 0]).astype(np.int64), np.floor(points[:, 1]).astype(np.int64)
     on_image = (columns >= 0) & (columns < mask.shape[1]) & (rows >= 0) & (rows < mask.shape[0])
-    covered = np.zeros(x.shape, dtype=bool)
+    covered = np.zeros(len(points), dtype=bool)
     covered[on_image] = mask[rows[on_image], columns[on_image]]
-    return covered.mean(axis=1)
+    return covered
 
 
 def _spot_radii_global(spots: GeoDataFrame) -> np.ndarray:
@@ -673,9 +685,11 @@ def tissue(
     level = len(levels) - 1 if level is None else level
     if not 0 <= level < len(levels):
         raise InputError(f"{url}: '{Elements.HE}' has levels 0-{len(levels) - 1}, not {level}")
+    if levels[level].shape[0] != 3 or levels[level].dtype != np.uint8:  # checked before decoding the level
+        raise InputError(
+            f"{url}: '{Elements.HE}' is not RGB uint8 (shape {levels[level].shape}, dtype {levels[level].dtype})"
+        )
     pixels = np.moveaxis(np.asarray(levels[level].compute()), 0, -1)
-    if pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-        raise InputError(f"{url}: '{Elements.HE}' is not RGB uint8 (shape {pixels.shape}, dtype {pixels.dtype})")
     to_global = _level_to_global(image, level)
     pixel_size_um = record.pixel_size_um or 1.0
     level_pixel_um = float(np.sqrt(abs(np.linalg.det(to_global[:2, :2])))) * pixel_size_um
@@ -688,7 +702,9 @@ def tissue(
             f"{url}: no tissue found on '{Elements.HE}' level {level} ({pixels.shape[1]} x {pixels.shape[0]} px, "
             f"{segmentation.method}: {segmentation.parameters}); a blank or placeholder image?"
         )
-    global_polygons = _affine_polygons(mask_to_polygons(segmentation.mask), to_global)
+    # mask pixel i spans [i, i + 1) at its level; global has pixel centres at integers, so edges are at -0.5
+    edges_to_global = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]]) @ to_global
+    global_polygons = _affine_polygons(mask_to_polygons(segmentation.mask), edges_to_global)
     frame = GeoDataFrame(geometry=global_polygons, index=pd.RangeIndex(len(global_polygons)).astype(str))
     frame["area_um2"] = frame.geometry.area.to_numpy() * pixel_size_um**2
     polygons = ShapesModel.parse(frame, transformations=frame_transformations(pixel_size_um))
@@ -709,10 +725,10 @@ def tissue(
     agreement: dict[str, float] = {}
     for table_name, spots_name in _spot_tables(sdata).items():
         spots = sdata.shapes[spots_name]
-        centres = spot_centres_global(spots) @ from_global[:2, :2].T + from_global[:2, 2]
+        centres = (spot_centres_global(spots) + 0.5) @ from_global[:2, :2].T + from_global[:2, 2]
         radii = _spot_radii_global(spots) * np.sqrt(abs(np.linalg.det(from_global[:2, :2])))
         fraction = pd.Series(spot_tissue_fraction(segmentation.mask, centres, radii), index=spots.index.astype(str))
-        table = sdata.tables[table_name].copy()
+        table = sdata.tables[table_name]  # this SpatialData is the function's own
         fractions = fraction.reindex(table.obs[Keys.SPOT_ID].astype(str)).to_numpy()
         if np.isnan(fractions).any():
             raise InputError(

@@ -425,6 +425,10 @@ def yolo_available() -> bool:
     return importlib.util.find_spec("ultralytics") is not None  # importing it would alter numpy's printing
 
 
+#: Largest channel spread (0-255) of an image taken as grey: no stain to find tissue by.
+GREY_SPREAD = 2
+
+
 def _rgb(image: np.ndarray | str | Path) -> tuple[np.ndarray, int, str]:
     """Return the image as ``HxWx3`` uint8 RGB, reduced, the reduction factor and how to name it in messages.
 
@@ -685,8 +689,14 @@ def align(
     absent = [key for key in (Keys.SPOT_ID, Keys.ARRAY_ROW, Keys.ARRAY_COL) if key not in table.obs.columns]
     if absent:
         raise InputError(f"{url}: '{Elements.SPOT_EXPRESSION}' has no {absent} column (not Visium?)")
+    positions = table.obs[[Keys.ARRAY_ROW, Keys.ARRAY_COL]].apply(pd.to_numeric, errors="coerce").to_numpy()
+    if not (np.isfinite(positions).all() and np.array_equal(positions, np.round(positions))):
+        raise InputError(f"{url}: '{Elements.SPOT_EXPRESSION}' has array_row/array_col that are not whole numbers")
+    shapes = sdata.shapes[Elements.SPOTS]
+    if "radius" not in shapes.columns or shapes.index.has_duplicates:
+        raise InputError(f"{url}: '{Elements.SPOTS}' must be circles (a 'radius' column) with unique spot ids")
     spot_ids = table.obs[Keys.SPOT_ID].astype(str).to_numpy()
-    radius = sdata.shapes[Elements.SPOTS]["radius"].reindex(spot_ids).to_numpy()
+    radius = shapes["radius"].reindex(spot_ids).to_numpy()
     if np.isnan(radius).any():
         raise InputError(
             f"{url}: {int(np.isnan(radius).sum())} spot ids of '{Elements.SPOT_EXPRESSION}' are not in "
@@ -719,10 +729,14 @@ def align(
     spots = circle_spots(global_xy, radius, spot_ids, pixel_size_um)
 
     new_table = table.copy()
-    if Keys.IN_TISSUE in new_table.obs and ORIGINAL_IN_TISSUE not in new_table.obs:
-        new_table.obs[ORIGINAL_IN_TISSUE] = new_table.obs[Keys.IN_TISSUE].to_numpy()
-    new_table.obs[Keys.IN_TISSUE] = matched[Keys.IN_TISSUE].to_numpy().astype(np.int32)
-    new_table.obs[TISSUE_FRACTION] = matched[TISSUE_FRACTION].to_numpy().astype(np.float32)
+    # tissue is found by its stain: a grey image (CytAssist's, say) has none, so flags already there are kept
+    grey = pixels.shape[-1] == 1 or bool((np.ptp(pixels[..., :3], axis=-1) <= GREY_SPREAD).all())
+    keep_flags = grey and Keys.IN_TISSUE in new_table.obs
+    if not keep_flags:
+        if Keys.IN_TISSUE in new_table.obs and ORIGINAL_IN_TISSUE not in new_table.obs:
+            new_table.obs[ORIGINAL_IN_TISSUE] = new_table.obs[Keys.IN_TISSUE].to_numpy()
+        new_table.obs[Keys.IN_TISSUE] = matched[Keys.IN_TISSUE].to_numpy().astype(np.int32)
+        new_table.obs[TISSUE_FRACTION] = matched[TISSUE_FRACTION].to_numpy().astype(np.float32)
 
     fit = result.fit
     centres_to_edges, edges_to_centres = np.eye(3), np.eye(3)
@@ -739,6 +753,7 @@ def align(
         "um_per_global_px": float(1 / np.sqrt(abs(np.linalg.det(um_to_global[:2, :2])))),
         "attempts": result.attempts,
         "spots_in_tissue": int(new_table.obs[Keys.IN_TISSUE].sum()),
+        "in_tissue_from": "kept: a grey image shows no stain" if keep_flags else "the aligned image",
     }
     inputs = [f"{url}/{Elements.HE}/scale{level}"]
     estimated = None if np.isnan(fit.residual_um) else fit.residual_um

@@ -269,6 +269,22 @@ def test_align_a_store_with_shifted_spots(
     assert validate(url) == []
 
 
+def test_align_keeps_the_flags_of_a_grey_image(perik_visium: Path, tmp_path: Path) -> None:
+    """Tissue is found by its stain: on a grey copy of perik's image the table's own in_tissue flags stay."""
+    sdata = read_sample(perik_visium)
+    he = sdata.images["he"]
+    sdata.images["he"] = he.copy(data=np.repeat(he.data.mean(axis=0, keepdims=True).astype(np.uint8), 3, axis=0))
+    obs = sdata.tables["spot_expression"].obs
+    flags = np.where(np.arange(len(obs)) % 4 == 0, 0, 1).astype(np.int32)
+    obs["in_tissue"] = flags
+    url = hest_zarr.write(sdata, tmp_path / "grey.zarr")
+    align(url, detector="classical")
+    aligned = hest_zarr.open(url)
+    np.testing.assert_array_equal(aligned.tables["spot_expression"].obs["in_tissue"].to_numpy(), flags)
+    parameters = get_record(aligned).elements["spots"].provenance.parameters
+    assert parameters["in_tissue_from"] == "kept: a grey image shows no stain"
+
+
 def test_align_refuses_a_store_whose_image_shows_no_frame(scanpy_visium: Path, tmp_path: Path) -> None:
     """The scanpy Space Ranger 1.0 sample ships an all-black placeholder as its hires image."""
     url = hest_zarr.write(read_sample(scanpy_visium), tmp_path / "scanpy.zarr")
@@ -321,4 +337,10 @@ def test_align_refuses_tables_that_do_not_match_their_spots(scanpy_visium: Path,
     del no_rows.obs["array_row"]
     add_elements(url, {"spot_expression": no_rows}, {"spot_expression": Provenance(converter="test")}, replace=True)
     with pytest.raises(InputError, match=r"'spot_expression' has no \['array_row'\] column"):
+        align(url)
+    unplaced = table.copy()
+    unplaced.obs["array_row"] = unplaced.obs["array_row"].astype(float)
+    unplaced.obs.loc[unplaced.obs.index[0], "array_row"] = np.nan
+    add_elements(url, {"spot_expression": unplaced}, {"spot_expression": Provenance(converter="test")}, replace=True)
+    with pytest.raises(InputError, match=r"array_row/array_col that are not whole numbers"):
         align(url)

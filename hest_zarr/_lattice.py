@@ -129,8 +129,9 @@ class LatticeFit:
     """Least-squares affine map from physical spot positions (um) to image pixels, and the pixel size it implies.
 
     ``pixel_size_um`` is the geometric mean of the two axes' sizes (``sqrt`` of the area of one pixel);
-    ``pixel_size_um_xy`` are the sizes along the image's x and y, which differ when the image was resized
-    unevenly. Residuals are the distances between fitted and given pixel positions.
+    ``pixel_size_um_xy`` are the micrometres per pixel along the lattice's physical x and y (the array's columns
+    and rows, not the image's axes: the two differ on a rotated slide); they differ from each other when the image
+    was resized unevenly. Residuals are the distances between fitted and given pixel positions.
     """
 
     affine: np.ndarray  # (3, 2): [u, v, 1] @ affine = [x_px, y_px]
@@ -192,10 +193,13 @@ def fit_lattice(positions_um: np.ndarray, pixels: np.ndarray, source: str) -> La
     design = np.c_[positions_um, np.ones(len(positions_um))]
     affine, *_ = np.linalg.lstsq(design, pixels, rcond=None)
     linear = affine[:2]  # rows: pixels per um along physical x and y
+    determinant = abs(float(np.linalg.det(linear)))
+    if not determinant > 1e-12 * float(np.abs(linear).max()) ** 2:
+        raise InputError(f"{source}: the spots' pixel positions do not span a plane; cannot fit the array -> pixel map")
     residuals = np.hypot(*(design @ affine - pixels).T)
     return LatticeFit(
         affine=affine,
-        pixel_size_um=float(1 / math.sqrt(abs(np.linalg.det(linear)))),
+        pixel_size_um=float(1 / math.sqrt(determinant)),
         pixel_size_um_xy=(float(1 / np.linalg.norm(linear[0])), float(1 / np.linalg.norm(linear[1]))),
         rms_px=float(np.sqrt(np.mean(residuals**2))),
         max_px=float(residuals.max()),

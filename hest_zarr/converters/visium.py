@@ -558,7 +558,10 @@ def spot_lattice_pixel_size(
 
     """
     from_diameter = SPOT_DIAMETER_FULLRES_UM / spot_diameter_px
-    values = spots[LATTICE_COLUMNS].to_numpy(dtype=np.float64)
+    try:
+        values = spots[LATTICE_COLUMNS].to_numpy(dtype=np.float64)
+    except ValueError as err:
+        raise InputError(f"{source}: {', '.join(LATTICE_COLUMNS)} must be numbers ({err})") from err
     values = values[np.isfinite(values).all(axis=1)]
     rows, cols, centres = values[:, 0], values[:, 1], values[:, [3, 2]]
     lattice_um = visium_lattice_um(rows, cols) if len(values) else np.empty((0, 2))

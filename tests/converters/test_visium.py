@@ -17,7 +17,7 @@ from PIL import Image
 from spatialdata.transformations import get_transformation
 
 from hest_zarr.converters import read_visium
-from hest_zarr.converters.visium import read_counts, spot_lattice_pixel_size
+from hest_zarr.converters.visium import LATTICE_COLUMNS, read_counts, spot_lattice_pixel_size
 from hest_zarr.errors import InputError
 from hest_zarr.ops.pixel_size import PixelSizeDisagreementWarning
 from hest_zarr.schemas import SampleMetadata
@@ -235,6 +235,17 @@ def test_no_positions_and_no_loupe_alignment(perik_visium: Path, tmp_path: Path)
         read_visium(outs)
 
 
+def test_lattice_columns_that_are_not_numbers_or_not_a_plane_are_refused() -> None:
+    rows, cols = np.divmod(np.arange(40), 8)
+    spots = pd.DataFrame({"array_row": rows.astype(object), "array_col": 2 * cols + rows % 2})
+    spots[["pxl_col_in_fullres", "pxl_row_in_fullres"]] = 0.0  # every spot at one pixel
+    with pytest.raises(InputError, match=r"positions.csv: the spots' pixel positions do not span a plane"):
+        spot_lattice_pixel_size(spots[LATTICE_COLUMNS], 130.0, "positions.csv")
+    spots.loc[3, "array_row"] = "x"
+    with pytest.raises(InputError, match=r"positions.csv: array_row, .* must be numbers"):
+        spot_lattice_pixel_size(spots[LATTICE_COLUMNS], 130.0, "positions.csv")
+
+
 # ------------------------------------------------------------------------------------------ Space Ranger 2.x
 def test_space_ranger_2_layout_with_plain_mex(tmp_path: Path) -> None:
     """SFE's real Space Ranger 2.x layout: header positions, MEX not gzipped, a hires image cropped to the spots."""
@@ -259,6 +270,8 @@ def test_space_ranger_2_layout_with_plain_mex(tmp_path: Path) -> None:
     spots = sdata["spots"].loc[table.obs_names]
     assert np.array_equal(spots.geometry.x, positions["pxl_col_in_fullres"])
     assert np.array_equal(spots.geometry.y, positions["pxl_row_in_fullres"])
+    # the 12 spots' lattice gives the pixel size; Space Ranger's spot_diameter_fullres (188.56909 px = 65 um) agrees
+    assert get_record(sdata).pixel_size_um == pytest.approx(65 / 188.56909, rel=1e-3)
     assert np.allclose(spots["radius"], 55 / get_record(sdata).pixel_size_um / 2)
     for column in ("array_row", "array_col", "in_tissue"):
         assert table.obs[column].tolist() == positions[column].tolist()

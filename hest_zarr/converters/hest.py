@@ -110,12 +110,7 @@ def _read_cellvit(paths: dict[str, Path], pixel_size_um: float) -> tuple[geopand
         if not path.is_file():
             continue
         if key == "cellvit_zip":
-            with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as tmp:
-                names = [n for n in archive.namelist() if n.endswith(".geojson")]
-                if not names:
-                    raise InputError(f"{path}: no .geojson inside the archive")
-                extracted = Path(archive.extract(names[0], tmp))
-                return read_segmentation(extracted, format="cellvit", pixel_size_um=pixel_size_um), path
+            return _read_zipped_geojson(path, "cellvit", pixel_size_um), path
         if key == "cellvit_parquet":
             frame = geopandas.read_parquet(path)
             frame.index = frame.index.astype(str)
@@ -215,8 +210,8 @@ def _read_seg_parquet(path: Path, pixel_size_um: float) -> geopandas.GeoDataFram
     return ShapesModel.parse(polygons, transformations=frame_transformations(pixel_size_um))
 
 
-def _read_seg_geojson_zip(path: Path, pixel_size_um: float) -> geopandas.GeoDataFrame:
-    """Read a HEST ``xenium_seg`` ``.geojson.zip`` (its Features carry no cell ids: polygons get part ids)."""
+def _read_zipped_geojson(path: Path, layout: str, pixel_size_um: float) -> geopandas.GeoDataFrame:
+    """Read the first ``.geojson`` of a zip archive with :func:`~hest_zarr.converters.nuclei.read_segmentation`."""
     from hest_zarr.converters.nuclei import read_segmentation
 
     try:
@@ -224,9 +219,14 @@ def _read_seg_geojson_zip(path: Path, pixel_size_um: float) -> geopandas.GeoData
             names = [n for n in archive.namelist() if n.endswith(".geojson")]
             if not names:
                 raise InputError(f"{path}: no .geojson inside the archive")
-            polygons = read_segmentation(archive.extract(names[0], tmp), format="qupath", pixel_size_um=pixel_size_um)
+            return read_segmentation(archive.extract(names[0], tmp), format=layout, pixel_size_um=pixel_size_um)
     except zipfile.BadZipFile as err:
         raise InputError(f"{path}: not a readable zip archive ({err})") from err
+
+
+def _read_seg_geojson_zip(path: Path, pixel_size_um: float) -> geopandas.GeoDataFrame:
+    """Read a HEST ``xenium_seg`` ``.geojson.zip`` (its Features carry no cell ids: polygons get part ids)."""
+    polygons = _read_zipped_geojson(path, "qupath", pixel_size_um)
     polygons["source"] = pd.Categorical([XENIUM_SEG_SOURCE] * len(polygons))
     return polygons.drop(columns=["object_type"], errors="ignore")
 
@@ -329,8 +329,17 @@ def _add_xenium_seg(
             )
             parameters.setdefault(name, {})["not_imported"] = [str(source)]
             continue
+        replaced = inputs.get(name) if name in shapes else None
+        if replaced:
+            warnings.warn(
+                f"{replaced[0]}: not imported, '{name}' holds the Xenium nuclei (nuclei='cellvit' keeps these)",
+                UserWarning,
+                stacklevel=3,
+            )
         shapes[name], inputs[name] = polygons, [str(source)]
         parameters.pop(name, None)
+        if replaced:
+            parameters[name] = {"not_imported": replaced}
 
 
 def read_hest(root: str | Path, sample_id: str, *, nuclei: str = "cellvit") -> SpatialData:

@@ -300,7 +300,11 @@ def test_cellvit_keeps_nuclei_unless_asked(sfe_hest: Path) -> None:
     assert len(sdata["nuclei"]) == 2 and len(sdata["cells"]) == SFE_CELLS
     parameters = hest_zarr.get_record(sdata).elements["nuclei"].provenance.parameters
     assert parameters["not_imported"][0].endswith("SFEX_xenium_nucleus_seg.parquet")
-    assert len(read_hest(sfe_hest, "SFEX", nuclei="xenium")["nuclei"]) == SFE_CELLS
+    with pytest.warns(UserWarning, match=r"SFEX_cellvit_seg.geojson: not imported, 'nuclei' holds the Xenium"):
+        swapped = read_hest(sfe_hest, "SFEX", nuclei="xenium")
+    assert len(swapped["nuclei"]) == SFE_CELLS
+    parameters = hest_zarr.get_record(swapped).elements["nuclei"].provenance.parameters
+    assert parameters["not_imported"][0].endswith("SFEX_cellvit_seg.geojson")
 
 
 def test_bad_xenium_seg_files(sfe_hest: Path) -> None:

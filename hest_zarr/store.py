@@ -493,7 +493,8 @@ def add_elements(
         Element name -> spatialdata element (parsed by its model, transformations set). May be empty to
         update only the metadata.
     provenance
-        Element name -> where it came from; one entry for every element.
+        Element name -> where it came from; one entry for every element. An entry for an element of the store
+        that is not in ``elements`` updates its record only (its data is not rewritten).
     metadata_updates
         :class:`~hest_zarr.schemas.SampleMetadata` fields to set (e.g. ``pixel_size_um_estimated``).
     pixel_size_um
@@ -537,6 +538,10 @@ def add_elements(
     updated = record.model_copy(deep=True)
     for name, kind in kinds.items():
         updated.elements[name] = ElementRecord(kind=kind, provenance=provenance[name])
+    for name in sorted(set(provenance) - set(kinds)):  # provenance only: the element's data is left untouched
+        if name not in record.elements:
+            raise HestZarrError(f"{location.url}: provenance for '{name}', which is neither given nor in the store")
+        updated.elements[name] = record.elements[name].model_copy(update={"provenance": provenance[name]})
     if metadata_updates:
         metadata = {**record.metadata.model_dump(exclude_none=True), **metadata_updates}
         estimated = metadata_updates.get("pixel_size_um_estimated")

@@ -418,3 +418,10 @@ def test_add_elements_refuses_unknown_names_and_missing_provenance(tmp_path: Pat
         store.add_elements(url, {"mystery": tissue}, {"mystery": Provenance(converter="test")})
     assert "tissue" not in hest_zarr.open(url).shapes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    with pytest.raises(hest_zarr.errors.HestZarrError, match="provenance for 'tissue', which is neither given"):
+        store.add_elements(url, {}, {"tissue": Provenance(converter="test")})
+    # provenance alone: the record changes, the element's files are not rewritten
+    files = {p: p.stat().st_mtime_ns for p in (Path(url) / "shapes" / "spots").rglob("*") if p.is_file()}
+    store.add_elements(url, {}, {"spots": Provenance(converter="recheck", method="by hand")})
+    assert hest_zarr.get_record(hest_zarr.open(url)).elements["spots"].provenance.converter == "recheck"
+    assert {p: p.stat().st_mtime_ns for p in files} == files

@@ -48,7 +48,7 @@ from hest_zarr._lattice import (
 )
 from hest_zarr.converters.st_v1 import UM_PER_ARRAY_UNIT
 from hest_zarr.errors import InputError
-from hest_zarr.schemas import Provenance, annotated_region, magnification_from_pixel_size
+from hest_zarr.schemas import Provenance, annotated_region
 from hest_zarr.store import StorageOptions, add_elements, get_record
 from hest_zarr.store import open as open_store
 
@@ -259,13 +259,11 @@ def estimate_pixel_size(
     if write:
         provenance = record.elements[spots].provenance
         parameters = {**provenance.parameters, "pixel_size_check": report.summary()}
-        magnification = magnification_from_pixel_size(estimate.pixel_size_um)
-        add_elements(
+        add_elements(  # the record only: the spots' data stays as it is
             url,
-            {spots: sdata.shapes[spots]},
+            {},
             {spots: Provenance.model_validate({**provenance.model_dump(), "parameters": parameters})},
-            metadata_updates={"pixel_size_um_estimated": estimate.pixel_size_um, "magnification": magnification},
-            replace=True,
+            metadata_updates={"pixel_size_um_estimated": estimate.pixel_size_um},
             storage_options=storage_options,
         )
     return report

@@ -150,17 +150,17 @@ def select_genes(
         raise InputError(f"the samples {sorted(tables)} share no gene name: nothing to predict")
     controls = [gene for gene in candidates if is_control_probe(gene)]
     candidates = [gene for gene in candidates if not is_control_probe(gene)]
-    counts = {sample: _counts(table, candidates) for sample, table in tables.items()}
     expressed = np.ones(len(candidates), dtype=bool)
-    for matrix in counts.values():
-        expressed &= (matrix > 0).mean(axis=0) >= min_expressed_fraction
+    for table in tables.values():  # counted sparse: only the kept genes are made dense below
+        nonzero = table[:, candidates].X > 0
+        expressed &= np.asarray(nonzero.sum(axis=0)).ravel() / table.n_obs >= min_expressed_fraction
     kept = [gene for gene, keep in zip(candidates, expressed, strict=True) if keep]
     if not kept:
         raise InputError(
             f"no gene of the samples {sorted(tables)} has non-zero counts in at least "
             f"{min_expressed_fraction:.0%} of every sample's spots"
         )
-    pooled = np.log1p(np.concatenate([matrix[:, expressed] for matrix in counts.values()]))
+    pooled = np.log1p(np.concatenate([_counts(table, kept) for table in tables.values()]))
     scores = _scores(pooled, kept, criterion)
     order = sorted(range(len(kept)), key=lambda i: (-scores[i], kept[i]))[:n_genes]
     return GeneSelection(

@@ -277,7 +277,8 @@ def write_xenium_seg(
     Only elements whose ``source`` is ``xenium`` in every row are written (CellViT nuclei belong to
     ``cellvit_seg/``). Vertices are mapped to the exported WSI's pixels (``global_to_image`` after the element's
     own transformation to ``global``; left untouched when that is the identity); the index (cell ids) is written as
-    ``cell_id``; the ``source`` column is dropped, as HEST's files have none.
+    ``cell_id`` (``nucleus_id`` when the frame already has a ``cell_id`` column); the ``source`` column is dropped,
+    as HEST's files have none.
 
     Examples
     --------
@@ -301,7 +302,9 @@ def write_xenium_seg(
         frame = geopandas.GeoDataFrame(
             polygons.drop(columns=["source", polygons.geometry.name]), geometry=geometry.to_numpy()
         )
-        frame.index = pd.Index(polygons.index.astype(str), name="cell_id")
+        # nuclei of multi-nucleate cells carry their cell in a cell_id column: their own ids name the index then
+        index_name = "nucleus_id" if "cell_id" in frame.columns else "cell_id"
+        frame.index = pd.Index(polygons.index.astype(str), name=index_name)
         frame.attrs = {}  # the element's transformations: HEST's files are in image pixels, without them
         parquet.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(parquet)

@@ -342,7 +342,13 @@ def fit_spot_grid(
             f"found {len(names)} of the 4 corner patterns of the {layout.name} frame ({found}); at least 3 are needed"
         )
     corner_um = np.array([layout.corner_centroid_um(name) for name in names])
-    corner_px = np.array([[best[name].x, best[name].y] for name in names])
+    corner_px = np.array([[best[name].x, best[name].y] for name in names], dtype=np.float64)
+    if not np.isfinite(corner_px).all():
+        raise InputError(f"corner positions must be finite, got {corner_px.tolist()}")
+    if frame_dots is not None:
+        dots = np.asarray(frame_dots, dtype=np.float64)
+        if dots.ndim != 2 or dots.shape[1] != 2 or not np.isfinite(dots).all():
+            raise InputError(f"frame_dots must be finite (n, 2) pixel positions, got an array of shape {dots.shape}")
     subsets = [tuple(range(len(names)))]
     if len(names) == 4:
         subsets += list(itertools.combinations(range(4), 3))
@@ -450,6 +456,8 @@ def _rgb(image: np.ndarray | str | Path) -> tuple[np.ndarray, int, str]:
         data = da.from_array(np.moveaxis(pixels, -1, 0), chunks=(3, 2048, 2048))
         name = f"image of {pixels.shape[1]} x {pixels.shape[0]} px"
     height, width = int(data.shape[1]), int(data.shape[2])
+    if height == 0 or width == 0:
+        raise InputError(f"{name}: the image is empty ({width} x {height} px)")
     factor = max(1, int(np.ceil(max(height, width) / ALIGN_MAX_SIDE)))
     if factor > 1:
         data = da.coarsen(np.mean, data, {1: factor, 2: factor}, trim_excess=True)

@@ -89,6 +89,20 @@ def test_classical_on_the_lowres_image(lowres_result, truth: pd.DataFrame, um_pe
     assert 0 < result.fit.residual_um < 15
 
 
+def test_an_image_over_the_size_limit_is_aligned_on_a_reduced_copy(
+    spatial: Path, truth: pd.DataFrame, um_per_fullres_px: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2000 px hires overlay with the limit lowered to 1000 px: found at half size, reported at full size."""
+    import hest_zarr.ops.align as align_module
+
+    image = _hires(spatial / "aligned_fiducials.jpg")
+    monkeypatch.setattr(align_module, "ALIGN_MAX_SIDE", 1000)
+    result = align_image(image, detector="classical")
+    errors = _errors_um(result.spots, truth, HIRES_SIDE / 3000, um_per_fullres_px)
+    assert np.median(errors) < 5.0 and errors.max() < 8.0
+    assert result.fit.um_per_px == pytest.approx(um_per_fullres_px * 3000 / HIRES_SIDE, rel=0.01)
+
+
 def test_classical_on_the_hires_scale_overlay(spatial: Path, truth: pd.DataFrame, um_per_fullres_px: float) -> None:
     """Space Ranger's aligned_fiducials.jpg at the hires scale. Measured: median 2.8 um, max 3.8 um (7.0 um/px)."""
     image = _hires(spatial / "aligned_fiducials.jpg")
@@ -195,6 +209,20 @@ def test_bad_arguments() -> None:
         align_image(np.zeros((50, 50, 3), np.uint8), slide="3mm")
     with pytest.raises(InputError, match="unknown detector"):
         align_image(np.zeros((50, 50, 3), np.uint8), detector="sift")
+    with pytest.raises(InputError, match="the image is empty"):
+        align_image(np.zeros((0, 0, 3), np.uint8), detector="classical")
+    layout = visium_layout("6.5mm")
+    names = ("hourglass", "hex_filled", "hex_open")
+    corners = [
+        CornerDetection(name, *((layout.corner_centroid_um(name) - layout.frame_origin_um) / 10 + (20, 30)), 1.0)
+        for name in names
+    ]
+    with pytest.raises(InputError, match=r"frame_dots must be finite \(n, 2\) pixel positions"):
+        fit_spot_grid(corners, layout, (820, 800), frame_dots=np.zeros((30, 3)))
+    with pytest.raises(InputError, match=r"frame_dots must be finite"):
+        fit_spot_grid(corners, layout, (820, 800), frame_dots=np.full((30, 2), np.nan))
+    with pytest.raises(InputError, match="corner positions must be finite"):
+        fit_spot_grid([*corners[:2], CornerDetection(names[2], np.nan, 5.0, 1.0)], layout, (820, 800))
 
 
 def _render_11mm_slide() -> tuple[np.ndarray, np.ndarray]:

@@ -169,9 +169,21 @@ def test_streaming_over_many_small_batches_gives_the_same_counts(
     monkeypatch.setattr(pool, "DENSE_BUDGET_CELLS", 4000)
     monkeypatch.setattr(pool, "BUFFER_KEYS", 250)
     monkeypatch.setattr(pool, "MERGE_PIECE_KEYS", 64)
+    calls = {"spills": 0, "merges": 0}
+
+    def counted(function, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(pool._DenseBlock, "to_keys", counted(pool._DenseBlock.to_keys, "spills"))
+    monkeypatch.setattr(pool, "_merge", counted(pool._merge, "merges"))
     by_x = pa.Table.from_pandas(transcripts.sort_values("x_location"), preserve_index=False)
     pooled = pool_transcript_batches(by_x.to_batches(max_chunksize=101), size_um=20.0)
     assert pooled_series(pooled).equals(reference)
+    assert calls["spills"] == 1 and calls["merges"] > 1  # the sparse path really ran
     assert pooled.n_read == pooled.n_kept == len(transcripts)
 
 

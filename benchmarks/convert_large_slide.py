@@ -61,7 +61,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def n_halvings(size: int) -> int:
-    from hest_zarr._raster import pyramid_shapes
+    from hest_zarr.store._raster import pyramid_shapes
 
     return len(pyramid_shapes(size, size)) - 1
 
@@ -69,7 +69,7 @@ def n_halvings(size: int) -> int:
 # --------------------------------------------------------------------------------------------- the paths (children)
 def run_ours(slide: Path, size: int, out: Path, codec: str) -> dict:
     import hest_zarr
-    from hest_zarr.converters._common import build_sample
+    from hest_zarr.elements import build_sample
     from hest_zarr.converters.slides import he_element, slide_image
 
     image = slide_image(slide)

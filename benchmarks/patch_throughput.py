@@ -81,7 +81,7 @@ def build_stores(workdir: Path, size: int, n_spots: int) -> dict[str, Path]:
     import zarr
 
     import hest_zarr
-    from hest_zarr.converters._common import build_sample, circle_spots
+    from hest_zarr.elements import build_sample, circle_spots
     from hest_zarr.converters.hest import write_pyramidal_tiff
     from hest_zarr.converters.slides import he_element, slide_image
 

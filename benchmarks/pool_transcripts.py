@@ -131,7 +131,7 @@ def write_transcripts(path: Path, n_rows: int, seed: int = 0) -> dict:
 def build_store(parquet: Path, store: Path) -> dict:
     """A store holding the molecules as ``transcripts`` (the Xenium converter's reader), morphology-pixel frame."""
     import hest_zarr
-    from hest_zarr.converters._common import build_sample
+    from hest_zarr.elements import build_sample
     from hest_zarr.converters.xenium import DEFAULT_PIXEL_SIZE_UM, read_transcripts
 
     start = time.perf_counter()

@@ -239,7 +239,9 @@ def patch(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Cut a patch around every spot (or grid tile) and write them to a patch store."""
-    from hest_zarr.ops.patch import export_hest_h5, open_patches, write_patches
+    from hest_zarr.converters.hest_patches import export_hest_h5
+    from hest_zarr.store import open_patches
+    from hest_zarr.workflows.patch import write_patches
 
     with _clear_errors():
         _check_output_folder(h5)
@@ -284,7 +286,7 @@ def tissue(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Segment the tissue: write 'tissue' polygons and the spots' in_tissue flags."""
-    from hest_zarr.ops.tissue import tissue as segment
+    from hest_zarr.workflows.tissue import tissue as segment
 
     with _clear_errors():
         result = segment(
@@ -311,8 +313,8 @@ def pixel_size(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Estimate the pixel size from the spot lattice and compare it with the embedded and the store's values."""
-    from hest_zarr._lattice import PixelSizeDisagreementWarning
-    from hest_zarr.ops.pixel_size import estimate_pixel_size
+    from hest_zarr.elements.lattice import PixelSizeDisagreementWarning
+    from hest_zarr.workflows.pixel_size import estimate_pixel_size
 
     with _clear_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore", PixelSizeDisagreementWarning)  # the disagreement is printed below
@@ -371,7 +373,7 @@ def align(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Align the H&E to the Visium slide layout from its fiducial frame; rewrite the spot positions and in_tissue."""
-    from hest_zarr.ops.align import align as align_store
+    from hest_zarr.workflows.align import align as align_store
 
     with _clear_errors():
         result = align_store(
@@ -415,7 +417,7 @@ def register(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Register the H&E to the DAPI image and re-place the Xenium elements (kept: a file's alignment)."""
-    from hest_zarr.ops.register import register as register_store
+    from hest_zarr.workflows.register import register as register_store
 
     with _clear_errors():
         result = register_store(url, force=force, storage_options=_storage_options(storage_options))
@@ -439,7 +441,7 @@ def pool(
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Pool Xenium molecules into square pseudo-spots, or (with --to-bin-um) Visium HD bins into larger bins."""
-    from hest_zarr.ops.pool import pool_bins, pool_transcripts
+    from hest_zarr.workflows.pool import pool_bins, pool_transcripts
 
     with _clear_errors():
         options = _storage_options(storage_options)
@@ -468,7 +470,7 @@ def demo(
     output: Annotated[Path, typer.Argument(help="Where to write the demo store.")] = Path("demo_output/mob1.zarr"),
 ) -> None:
     """Convert the bundled real ST v1 section (MOB1), patch it and print a summary."""
-    from hest_zarr.demo import demo_sample_path, run_demo
+    from hest_zarr.workflows.demo import demo_sample_path, run_demo
 
     console.print(f"converting bundled sample {demo_sample_path()} (ST v1 MOB1, STUtility, MIT)")
     with _clear_errors():

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import hest_zarr
 from hest_zarr.cli import app
-from hest_zarr.demo import demo_sample_path
+from hest_zarr.workflows.demo import demo_sample_path
 
 runner = CliRunner()
 
@@ -63,7 +63,7 @@ def test_validate_exit_codes_and_one_line_errors(scanpy_visium: Path, perik_visi
 def test_demo_converts_and_patches_the_bundled_sample(tmp_path: Path) -> None:
     import pandas as pd
 
-    from hest_zarr.ops.patch import open_patches
+    from hest_zarr.store import open_patches
 
     result = runner.invoke(app, ["demo", str(tmp_path / "demo.zarr")])
     assert result.exit_code == 0, result.output

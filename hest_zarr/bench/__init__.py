@@ -33,8 +33,8 @@ from hest_zarr.bench.encoders import (
 from hest_zarr.bench.genes import GeneSelection, log1p_targets, select_genes
 from hest_zarr.bench.protocol import PRESETS, PROTOCOL_VERSION, REGRESSORS, Preprocessing
 from hest_zarr.bench.regression import RegressionResult, evaluate, fit_predict, pearson_per_gene, ridge_alpha
-from hest_zarr.bench.report import summary_markdown, summary_table, write_results
-from hest_zarr.bench.run import BenchConfig, BenchResults, load_config, run_benchmark
+from hest_zarr.bench.report import BenchResults, summary_markdown, summary_table, write_results
+from hest_zarr.bench.run import BenchConfig, load_config, run_benchmark
 from hest_zarr.bench.tasks import (
     TASKS_FOLDER,
     Fold,

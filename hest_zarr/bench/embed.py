@@ -21,14 +21,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-import hest_zarr
-from hest_zarr._constants import Elements, Keys
 from hest_zarr.bench.encoders import Encoder, Precision, resolve_precision
 from hest_zarr.bench.protocol import PATCH_PIXEL_SIZE_UM, PATCH_SIZE_PX
+from hest_zarr.elements import Elements, Keys, get_record
 from hest_zarr.errors import HestZarrError
-from hest_zarr.ops.patch import PatchPlan, extract_patches
+from hest_zarr.ops.patch import PatchPlan
 from hest_zarr.schemas import Provenance
-from hest_zarr.store import StorageOptions, get_record
+from hest_zarr.store import StorageOptions, add_elements
+from hest_zarr.store import open as open_store
+from hest_zarr.stream import extract_patches
 
 EMBED_OPERATOR = "bench.embed"
 
@@ -84,7 +85,7 @@ def read_cached_embeddings(
     storage_options: StorageOptions = None,
 ) -> np.ndarray | None:
     """Return the cached embeddings of ``ids`` when the store's table matches the fingerprint and holds them all."""
-    sdata = hest_zarr.open(url, storage_options)
+    sdata = open_store(url, storage_options)
     if table_name not in sdata.tables:
         return None
     element = get_record(sdata).elements.get(table_name)
@@ -257,11 +258,10 @@ def _write_cache(
             "level_pixel_size_um": plan.level_pixel_size_um,
             "window_px_at_level": plan.window,
         },
-        hest_zarr_version=hest_zarr.__version__,
     )
     with warnings.catch_warnings():  # the table annotates the store's spots, absent from the staged elements
         warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
-        hest_zarr.add_elements(
+        add_elements(
             url,
             {table_name: embeddings_table(plan.ids, embeddings, element)},
             {table_name: provenance},

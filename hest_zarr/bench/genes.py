@@ -22,7 +22,6 @@ Targets are ``log1p`` of the raw counts, with no other normalisation.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
@@ -33,17 +32,11 @@ from anndata import AnnData
 from scipy import sparse
 
 from hest_zarr.bench.protocol import MIN_EXPRESSED_FRACTION, N_GENES
+from hest_zarr.elements import is_control_feature
 from hest_zarr.errors import InputError
 
 VarianceCriterion = Literal["log1p-variance", "seurat-dispersion"]
 VARIANCE_CRITERIA: Final = ("log1p-variance", "seurat-dispersion")
-#: Names of control and blank probes (Xenium, CosMx, MERSCOPE), matched anywhere in the name, any case.
-CONTROL_PROBE: Final = re.compile(
-    r"blank|negcontrol|systemcontrol|control_?probe|unassignedcodeword|deprecatedcodeword|negprb|intergenic_region",
-    re.IGNORECASE,
-)
-
-
 @dataclass(frozen=True)
 class GeneSelection:
     """The genes a task predicts and how they were chosen.
@@ -80,18 +73,6 @@ class GeneSelection:
     def to_dict(self) -> dict[str, Any]:
         """Return the selection as a JSON-ready dict."""
         return asdict(self)
-
-
-def is_control_probe(name: str) -> bool:
-    """Return whether a gene name is a control or blank probe.
-
-    Examples
-    --------
-    >>> [is_control_probe(n) for n in ("BLANK_0006", "NegControlProbe_00042", "ERBB2", "Controlled")]
-    [True, True, False, False]
-
-    """
-    return CONTROL_PROBE.search(name) is not None
 
 
 def _counts(table: AnnData, genes: Sequence[str]) -> np.ndarray:
@@ -148,8 +129,9 @@ def select_genes(
     candidates = sorted(shared or ())
     if not candidates:
         raise InputError(f"the samples {sorted(tables)} share no gene name: nothing to predict")
-    controls = [gene for gene in candidates if is_control_probe(gene)]
-    candidates = [gene for gene in candidates if not is_control_probe(gene)]
+    is_control = is_control_feature(candidates)
+    controls = [gene for gene, control in zip(candidates, is_control, strict=True) if control]
+    candidates = [gene for gene, control in zip(candidates, is_control, strict=True) if not control]
     expressed = np.ones(len(candidates), dtype=bool)
     for table in tables.values():  # counted sparse: only the kept genes are made dense below
         nonzero = table[:, candidates].X > 0

@@ -14,18 +14,42 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from hest_zarr.bench.run import BenchResults
+from hest_zarr.bench.regression import RegressionResult
 
 AVERAGE = "average"
+
+
+@dataclass
+class BenchResults:
+    """Everything a run produced and what it ran with (see :func:`hest_zarr.bench.report.write_results`)."""
+
+    protocol: dict[str, Any]
+    settings: dict[str, Any]
+    tasks: list[dict[str, Any]]
+    encoders: list[dict[str, Any]]
+    embeddings: list[dict[str, Any]]
+    results: list[RegressionResult]
+    timings: dict[str, float]
+    environment: dict[str, Any]
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def result(self, task: str, encoder: str, regressor: str) -> RegressionResult:
+        """Return one (task, encoder, regressor) result."""
+        for result in self.results:
+            if (result.task, result.encoder, result.regressor) == (task, encoder, regressor):
+                return result
+        raise KeyError((task, encoder, regressor))
 
 
 def _finite(value: float) -> float | None:

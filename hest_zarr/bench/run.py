@@ -27,18 +27,16 @@ A configuration file (YAML or JSON; relative paths resolve against its folder)::
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import hest_zarr
 from hest_zarr.bench.embed import sample_embeddings
 from hest_zarr.bench.encoders import Encoder, build_encoder, resolve_device, resolve_precision
 from hest_zarr.bench.genes import log1p_targets, select_genes
@@ -50,9 +48,11 @@ from hest_zarr.bench.protocol import (
     REGRESSORS,
     protocol_record,
 )
-from hest_zarr.bench.regression import RegressionResult, evaluate
+from hest_zarr.bench.regression import evaluate
+from hest_zarr.bench.report import BenchResults, write_results
 from hest_zarr.bench.tasks import SampleSpots, Task, load_task, read_task_spots
 from hest_zarr.errors import InputError
+from hest_zarr.schemas import HEST_ZARR_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -172,35 +172,13 @@ def prepare_task(
     return PreparedTask(task, spots, targets)
 
 
-@dataclass
-class BenchResults:
-    """Everything a run produced and what it ran with (see :func:`hest_zarr.bench.report.write_results`)."""
-
-    protocol: dict[str, Any]
-    settings: dict[str, Any]
-    tasks: list[dict[str, Any]]
-    encoders: list[dict[str, Any]]
-    embeddings: list[dict[str, Any]]
-    results: list[RegressionResult]
-    timings: dict[str, float]
-    environment: dict[str, Any]
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-
-    def result(self, task: str, encoder: str, regressor: str) -> RegressionResult:
-        """Return one (task, encoder, regressor) result."""
-        for result in self.results:
-            if (result.task, result.encoder, result.regressor) == (task, encoder, regressor):
-                return result
-        raise KeyError((task, encoder, regressor))
-
-
 def _environment(device: str, precision: str) -> dict[str, Any]:
     import sklearn
     import torch
     import xgboost
 
     return {
-        "hest_zarr": hest_zarr.__version__,
+        "hest_zarr": HEST_ZARR_VERSION,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
@@ -338,7 +316,5 @@ def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
         environment=_environment(str(device), precision),
     )
     if config.output is not None:
-        from hest_zarr.bench.report import write_results
-
         write_results(bench, config.output)
     return bench

@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-import hest_zarr
-from hest_zarr._constants import Elements, Keys
 from hest_zarr.bench.genes import GeneSelection, VarianceCriterion, select_genes
 from hest_zarr.bench.protocol import PATCH_PIXEL_SIZE_UM, PATCH_SIZE_PX, PROTOCOL_VERSION
+from hest_zarr.elements import Elements, Keys
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.ops.patch import plan_patches
 from hest_zarr.store import StorageOptions
+from hest_zarr.store import open as open_store
 
 TASK_FILE: Final = "task.json"
 SPLITS_FOLDER: Final = "splits"
@@ -404,7 +404,7 @@ def read_sample_spots(
     url = task.url(sample, store_root)
     where = f"task {task.name!r}, sample {sample.id!r} ({url})"
     try:
-        sdata = hest_zarr.open(url, storage_options)
+        sdata = open_store(url, storage_options)
     except HestZarrError as err:
         raise InputError(f"{where}: cannot open the store: {err}") from err
     if task.table not in sdata.tables:

@@ -35,12 +35,15 @@ import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import PointsModel, ShapesModel
 
-from hest_zarr._constants import Elements, Keys
-from hest_zarr.converters._common import (
+from hest_zarr.elements import (
+    Elements,
+    Keys,
     build_sample,
     circle_spots,
     expression_table,
     frame_transformations,
+    get_record,
+    image_levels,
     square_spots,
 )
 from hest_zarr.errors import InputError
@@ -497,37 +500,27 @@ def write_pyramidal_tiff(
 
 
 def export_hest(
-    url: str | Path,
+    sdata: SpatialData,
     root: str | Path,
     *,
     sample_id: str | None = None,
-    storage_options: dict[str, Any] | None = None,
     jpeg_quality: int | None = 90,
-    patches: bool = False,
-    patch_size_px: int = 224,
-    patch_pixel_size_um: float = 0.5,
 ) -> dict[str, Path]:
-    """Export a sample store to the HEST-1k layout (``st/``, ``wsis/``, ``metadata/``, ``tissue_seg/``...).
+    """Export a sample to the HEST-1k layout (``st/``, ``wsis/``, ``metadata/``, ``tissue_seg/``...).
 
     Spot positions and contours are written in the exported WSI's pixels, and ``pixel_size_um_estimated``
     in the metadata is that WSI's pixel size, so a HEST reader finds everything aligned.
 
     Parameters
     ----------
-    url
-        The store.
+    sdata
+        The sample (e.g. :func:`hest_zarr.open` of a store; images are read level by level).
     root
         Output folder (created).
     sample_id
         File name stem (default: the store's sample id).
-    storage_options
-        fsspec options for a remote store.
     jpeg_quality
         JPEG quality of the WSI tiles, or ``None`` for lossless.
-    patches
-        Also cut a patch around every spot into ``patches/ID.h5`` (HEST's ``img``, ``coords``, ``barcode``).
-    patch_size_px, patch_pixel_size_um
-        The patches' side and resolution (HEST: 224 px at 0.5 um/px).
 
     Returns
     -------
@@ -535,17 +528,13 @@ def export_hest(
 
     Examples
     --------
-    >>> export_hest("TENX95.zarr", "hest_data")["st"]  # doctest: +SKIP
+    >>> export_hest(hest_zarr.open("TENX95.zarr"), "hest_data")["st"]  # doctest: +SKIP
     PosixPath('hest_data/st/TENX95.h5ad')
 
     """
     from spatialdata.transformations import get_transformation
 
-    import hest_zarr
-    from hest_zarr._raster import _levels
-
-    sdata = hest_zarr.open(url, storage_options)
-    record = hest_zarr.get_record(sdata)
+    record = get_record(sdata)
     sample_id = sample_id or record.metadata.id
     paths = hest_paths(root, sample_id)
     written: dict[str, Path] = {}
@@ -558,7 +547,7 @@ def export_hest(
         he_to_global = get_transformation(he, "global").to_affine_matrix(("x", "y"), ("x", "y"))
         to_image = np.linalg.inv(he_to_global)
         image_pixel_size = record.pixel_size_um * float(np.sqrt(abs(np.linalg.det(he_to_global[:2, :2]))))
-        levels = _levels(he) or [he.data]
+        levels = image_levels(he)
         written["wsi"] = write_pyramidal_tiff(
             levels, paths["wsi"], pixel_size_um=image_pixel_size, jpeg_quality=jpeg_quality
         )
@@ -596,18 +585,4 @@ def export_hest(
         contours.to_file(paths["tissue"], driver="GeoJSON")
         written["tissue"] = paths["tissue"]
     written.update(write_xenium_seg(sdata, root, sample_id, to_image))
-    if patches:
-        from hest_zarr.ops.patch import export_hest_h5, write_patches
-
-        paths["patches"].parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="hest-zarr-patches-") as tmp:
-            patch_store = write_patches(
-                url,
-                Path(tmp) / "patches.zarr",
-                size_px=patch_size_px,
-                pixel_size_um=patch_pixel_size_um,
-                storage_options=storage_options,
-                progress=False,
-            )
-            written["patches"] = export_hest_h5(patch_store, paths["patches"])
     return written

@@ -35,9 +35,9 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
-from hest_zarr._constants import Elements, Keys
-from hest_zarr._lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
-from hest_zarr.converters._common import (
+from hest_zarr.elements import Elements, Keys
+from hest_zarr.elements.lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
+from hest_zarr.elements import (
     build_sample,
     circle_spots,
     expression_table,
@@ -406,7 +406,7 @@ def _match(spot_ids: pd.Index, coordinates: _Coordinates, expression: Path, sour
 def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um: float, source: str) -> np.ndarray:
     """Place array positions ``(column, row)`` on the technology's lattice, in micrometres.
 
-    Visium spots go where the Visium converter puts them (:func:`hest_zarr._lattice.visium_lattice_um`: rows 87 um
+    Visium spots go where the Visium converter puts them (:func:`hest_zarr.elements.lattice.visium_lattice_um`: rows 87 um
     apart on 6.5 mm capture areas, 86.5 um on 11 mm ones), scaled by ``inter_spot_dist_um / 100``.
 
     Raises

@@ -59,8 +59,8 @@ from spatialdata.models import ShapesModel
 from spatialdata.transformations import BaseTransformation, get_transformation
 
 import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements
-from hest_zarr.converters._common import frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements
+from hest_zarr.elements import frame_transformations
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.schemas import ElementRecord, Provenance
 from hest_zarr.store import get_record, set_record
@@ -273,7 +273,6 @@ def add_segmentation(
             inputs=[str(path)],
             method=source,
             parameters=report.parameters(),
-            hest_zarr_version=hest_zarr.__version__,
         ),
     )
     set_record(sdata, record)

@@ -51,7 +51,7 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import BaseTransformation
 from xarray import DataArray
 
-from hest_zarr.converters._common import frame_transformations
+from hest_zarr.elements import frame_transformations
 from hest_zarr.errors import InputError
 
 SlideReader = Literal["tifffile", "openslide", "pillow"]

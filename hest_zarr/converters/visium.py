@@ -39,8 +39,8 @@ from spatialdata.transformations import Identity, Scale
 from spatialdata_io._constants._constants import VisiumKeys
 from xarray import DataArray
 
-from hest_zarr._constants import Elements, Keys
-from hest_zarr._lattice import (
+from hest_zarr.elements import Elements, Keys
+from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
     VISIUM_INTER_SPOT_DISTANCE_UM,
     PixelSizeDisagreementWarning,
@@ -49,7 +49,7 @@ from hest_zarr._lattice import (
     visium_lattice_name,
     visium_lattice_um,
 )
-from hest_zarr.converters._common import (
+from hest_zarr.elements import (
     build_sample,
     circle_spots,
     expression_table,
@@ -516,8 +516,8 @@ def spot_lattice_pixel_size(
 
     The centres ``pxl_col_in_fullres, pxl_row_in_fullres`` of every spot with a position (all rows of the positions
     file, not only the counts' barcodes: more spots, a tighter fit) are fitted to their slide-layout positions
-    (:func:`hest_zarr._lattice.visium_lattice_um` of ``array_row, array_col``) by trimmed least squares
-    (:func:`hest_zarr._lattice.fit_pixel_size`). With fewer than 3 such spots not on one line the lattice is
+    (:func:`hest_zarr.elements.lattice.visium_lattice_um` of ``array_row, array_col``) by trimmed least squares
+    (:func:`hest_zarr.elements.lattice.fit_pixel_size`). With fewer than 3 such spots not on one line the lattice is
     undetermined and the pixel size falls back to ``65 um / spot_diameter_fullres``, with a warning.
 
     Parameters

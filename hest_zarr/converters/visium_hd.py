@@ -30,8 +30,8 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata_io._constants._constants import VisiumHDKeys
 
-from hest_zarr._constants import Elements, Keys
-from hest_zarr.converters._common import build_sample, square_spots
+from hest_zarr.elements import Elements, Keys
+from hest_zarr.elements import build_sample, square_spots
 from hest_zarr.converters.visium import (
     COUNTS_CANDIDATES,
     he_image,

@@ -85,8 +85,8 @@ from spatialdata_io.readers.xenium import cell_id_str_from_prefix_suffix_uint32
 from xarray import DataArray
 
 import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
-from hest_zarr.converters._common import build_sample, expression_table, frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements, Keys
+from hest_zarr.elements import build_sample, expression_table, frame_transformations
 from hest_zarr.converters.slides import RGB_CHANNELS, he_element, slide_image
 from hest_zarr.converters.visium import read_counts
 from hest_zarr.errors import InputError
@@ -1435,6 +1435,5 @@ def _element_record(
             method=method,
             parameters=dict(parameters),
             estimated_error_um=estimated_error_um,
-            hest_zarr_version=hest_zarr.__version__,
         ),
     )

@@ -52,8 +52,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 import hest_zarr
-from hest_zarr._constants import Elements, Keys
-from hest_zarr.converters._common import circle_spots
+from hest_zarr.elements import Elements, Keys
+from hest_zarr.elements import circle_spots
 from hest_zarr.converters.slides import slide_image
 from hest_zarr.errors import AlignmentError, InputError
 from hest_zarr.ops.fiducials import CORNER_NAMES, CornerDetection, find_frame
@@ -772,7 +772,6 @@ def align(
             method=result.detector,
             parameters=parameters,
             estimated_error_um=estimated,
-            hest_zarr_version=hest_zarr.__version__,
         ),
     }
     old = record.elements[Elements.SPOT_EXPRESSION].provenance

@@ -16,7 +16,7 @@ How a patch is made (the documented resampling):
 ``coords`` are the patch's top-left corner in level-0 pixels of the image, as in HEST's patch files.
 
 How it is read: patches are sorted by the chunk row their window starts in; each band of patches needs
-a set of chunks that are fetched and decoded exactly once, concurrently (``_chunks.ChunkReader``), while
+a set of chunks that are fetched and decoded exactly once, concurrently (:class:`hest_zarr.store.ChunkReader`), while
 the previous band is being cut; a chunk is dropped as soon as no later band needs it, so memory stays at
 about two chunk rows of the touched chunks whatever the slide size. No dask graph is built.
 """
@@ -24,46 +24,24 @@ about two chunk rows of the touched chunks whatever the slide size. No dask grap
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-import zarr
 from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
 
-import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr.elements import CoordinateSystems, Elements, Keys, affine_xy, get_record, image_levels
 from hest_zarr.errors import InputError
-from hest_zarr.ops._chunks import ChunkKey, ChunkReader, LevelArray
-from hest_zarr.store import (
-    StorageOptions,
-    _check_replaceable,
-    _locate,
-    _network_errors,
-    _open_zarr_group,
-    _replace_local,
-    _upload,
-    chunk_location,
-    get_record,
-)
+from hest_zarr.store import ChunkKey, ChunkReader, LevelArray
 
 DEFAULT_SIZE_PX = 224
 DEFAULT_PIXEL_SIZE_UM = 0.5
 GRID = "grid"
-#: Remote fetches in flight per reader (latency hiding); local reads use one task per core.
-REMOTE_WORKERS = 32
 
 
 @dataclass(frozen=True)
@@ -135,22 +113,6 @@ class PatchBatch:
 
 
 # --------------------------------------------------------------------------------------------- planning
-def _affine_xy(element: Any, system: str) -> np.ndarray:
-    return get_transformation(element, to_coordinate_system=system).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
-
-
-def _image_levels(sdata: SpatialData, image: str) -> list[tuple[int, int]]:
-    element = sdata[image]
-    if hasattr(element, "children") and element.children:
-        names = sorted(element.children, key=lambda name: int(name.removeprefix("scale")))
-        shapes = [element[name]["image"].shape for name in names]
-    else:
-        shapes = [element.shape]
-    return [(int(shape[-2]), int(shape[-1])) for shape in shapes]
-
-
 def _element_centres(sdata: SpatialData, element: str) -> tuple[np.ndarray, np.ndarray, Any]:
     """Centres of a shapes or points element in its own coordinates, with its ids and the element."""
     if element in sdata.shapes:
@@ -177,7 +139,7 @@ def _grid_centres(sdata: SpatialData, image_shape: tuple[int, int], side_px: flo
         import shapely
 
         tissue = sdata.shapes[Elements.TISSUE]
-        to_image = np.linalg.inv(image_affine) @ _affine_xy(tissue, CoordinateSystems.GLOBAL)
+        to_image = np.linalg.inv(image_affine) @ affine_xy(tissue, CoordinateSystems.GLOBAL)
         union = shapely.union_all(tissue.geometry.values)
         to_tissue = np.linalg.inv(to_image)
         inside = np.zeros(len(centres), dtype=bool)
@@ -233,9 +195,9 @@ def plan_patches(
     record = get_record(sdata)
     if record.pixel_size_um is None:
         raise InputError("the store records no pixel size, so a target in micrometres per pixel cannot be met")
-    image_affine = _affine_xy(sdata[image], CoordinateSystems.GLOBAL)
+    image_affine = affine_xy(sdata[image], CoordinateSystems.GLOBAL)
     level0_um = record.pixel_size_um * float(np.sqrt(abs(np.linalg.det(image_affine[:2, :2]))))
-    shapes = _image_levels(sdata, image)
+    shapes = [(int(level.shape[-2]), int(level.shape[-1])) for level in image_levels(sdata[image])]
     height, width = shapes[0]
     scales = [width / shape[1] for shape in shapes]
     scales = [2.0**k if abs(scale - 2.0**k) / 2.0**k < 0.01 else scale for k, scale in enumerate(scales)]
@@ -244,7 +206,7 @@ def plan_patches(
         ids, centres = _grid_centres(sdata, (height, width), size_px * pixel_size_um / level0_um, image_affine)
     else:
         ids, own_xy, source = _element_centres(sdata, element)
-        to_image = np.linalg.inv(image_affine) @ _affine_xy(source, CoordinateSystems.GLOBAL)
+        to_image = np.linalg.inv(image_affine) @ affine_xy(source, CoordinateSystems.GLOBAL)
         centres = (to_image @ np.column_stack([own_xy, np.ones(len(own_xy))]).T).T[:, :2]
         if in_tissue_only:
             keep = _in_tissue(sdata, element, ids)
@@ -286,20 +248,6 @@ def _in_tissue(sdata: SpatialData, element: str, ids: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def open_levels(url: str | Path, image: str = Elements.HE, storage_options: StorageOptions = None) -> list[LevelArray]:
-    """Return the zarr arrays of every level of an image element, with where their chunks live."""
-    location = chunk_location(url, storage_options)
-    with _network_errors(location.url):
-        root = _open_zarr_group(location) if not location.is_local else zarr.open_group(location.path, mode="r")
-        if "images" not in root or image not in root["images"]:
-            raise InputError(f"{location.url}: the store holds no image '{image}'")
-        group = root["images"][image]
-        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
-        return [
-            LevelArray(group[dataset["path"]], location, f"images/{image}/{dataset['path']}") for dataset in datasets
-        ]
-
-
 def _window_chunks(origin: np.ndarray, window: int, chunk: tuple[int, int], shape: tuple[int, int]) -> list[ChunkKey]:
     x0, y0 = int(origin[0]), int(origin[1])
     height, width = shape
@@ -435,338 +383,3 @@ def read_patches(
         for future in pending.values():
             future.cancel()
         reader.release(decoded.values())
-
-
-def default_workers(url: str | Path, storage_options: StorageOptions = None) -> int:
-    """Concurrent chunk reads: one per core locally, :data:`REMOTE_WORKERS` for object storage."""
-    return (os.cpu_count() or 1) if _locate(url, storage_options).is_local else REMOTE_WORKERS
-
-
-def extract_patches(
-    url: str | Path,
-    *,
-    element: str = Elements.SPOTS,
-    image: str = Elements.HE,
-    size_px: int = DEFAULT_SIZE_PX,
-    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-    in_tissue_only: bool = False,
-    allow_upsample: bool = True,
-    batch_size: int = 16,
-    pad_value: int = 255,
-    workers: int | None = None,
-    storage_options: StorageOptions = None,
-) -> tuple[PatchPlan, Iterator[PatchBatch]]:
-    """Plan the patches of a store and return the plan with an iterator over the cut batches.
-
-    Parameters
-    ----------
-    url
-        Local path or fsspec URL of a sample store.
-    element, image, size_px, pixel_size_um, in_tissue_only, allow_upsample
-        See :func:`plan_patches`.
-    batch_size
-        Patches per yielded batch.
-    pad_value
-        Fill of the parts of a patch outside the image.
-    workers
-        Concurrent chunk reads (default :func:`default_workers`).
-    storage_options
-        fsspec options for a remote URL.
-
-    Examples
-    --------
-    >>> plan, batches = extract_patches("s3://bucket/TENX95.zarr", storage_options={"anon": True})  # doctest: +SKIP
-    >>> for batch in batches:  # doctest: +SKIP
-    ...     batch.images.shape  # (n, 224, 224, 3)
-
-    """
-    sdata = hest_zarr.open(url, storage_options)
-    plan = plan_patches(
-        sdata,
-        element=element,
-        image=image,
-        size_px=size_px,
-        pixel_size_um=pixel_size_um,
-        in_tissue_only=in_tissue_only,
-        allow_upsample=allow_upsample,
-    )
-    levels = open_levels(url, image, storage_options)
-    reader = ChunkReader(levels[plan.level], workers=workers or default_workers(url, storage_options))
-
-    def batches() -> Iterator[PatchBatch]:
-        try:
-            yield from read_patches(plan, reader, batch_size=batch_size, pad_value=pad_value)
-        finally:
-            reader.close()
-
-    return plan, batches()
-
-
-# --------------------------------------------------------------------------------------------- patch stores
-PatchCodec = Literal["zstd", "jpeg"]
-
-
-def write_patches(
-    url: str | Path,
-    out: str | Path,
-    *,
-    element: str = Elements.SPOTS,
-    image: str = Elements.HE,
-    size_px: int = DEFAULT_SIZE_PX,
-    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-    in_tissue_only: bool = False,
-    codec: PatchCodec = "zstd",
-    overwrite: bool = False,
-    workers: int | None = None,
-    storage_options: StorageOptions = None,
-    out_storage_options: StorageOptions = None,
-    progress: bool = True,
-) -> str:
-    """Cut every patch of a sample and write them to a patch store (zarr), atomically.
-
-    The patch store holds ``img`` (N x H x W x 3 uint8, one patch per chunk), ``barcode`` (the ids) and
-    ``coords`` (top-left, level-0 pixels, ``x, y``), in band order; its attributes record the level, the
-    pixel sizes, the source store and element. :func:`export_hest_h5` turns it into HEST's ``.h5`` layout.
-
-    Examples
-    --------
-    >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP
-
-    """
-    target, exists = _patch_target(out, overwrite, out_storage_options)
-    plan, batches = extract_patches(
-        url,
-        element=element,
-        image=image,
-        size_px=size_px,
-        pixel_size_um=pixel_size_um,
-        in_tissue_only=in_tissue_only,
-        workers=workers,
-        storage_options=storage_options,
-    )
-    attributes = {
-        "source": str(url),
-        "element": element,
-        "image": image,
-        "size_px": size_px,
-        "pixel_size_um": pixel_size_um,
-        "level": plan.level,
-        "level_pixel_size_um": plan.level_pixel_size_um,
-        "window_px_at_level": plan.window,
-        "resampling": "none" if plan.window == size_px else ("area" if plan.window > size_px else "bilinear"),
-        "coords": "top-left corner (x, y) in level-0 pixels of the image",
-        "hest_zarr_version": hest_zarr.__version__,
-    }
-    return _commit_patch_store(
-        target, exists, len(plan), size_px, ((b.ids, b.coords, b.images) for b in batches), codec, attributes, progress
-    )
-
-
-def _commit_patch_store(
-    target: Any,
-    exists: bool,
-    n: int,
-    size_px: int,
-    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    codec: PatchCodec,
-    attributes: dict[str, Any],
-    progress: bool,
-) -> str:
-    """Write the patch group in a staging place, then move it in (local) or upload it, root metadata last."""
-    with tempfile.TemporaryDirectory(prefix="hest-zarr-patches-") as tmp:
-        local = target.is_local
-        staging = (
-            Path(target.path).parent / f".{Path(target.path).name}.{uuid.uuid4().hex[:8]}.partial"
-            if local
-            else Path(tmp) / "patches.zarr"
-        )
-        try:
-            _write_patch_group(staging, n, size_px, batches, codec, attributes, progress)
-            if local:
-                _replace_local(staging, Path(target.path))
-            else:
-                with _network_errors(target.url):
-                    _upload(staging, target, replace=exists)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target.url
-
-
-def _write_patch_group(
-    staging: Path,
-    n: int,
-    size: int,
-    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    codec: PatchCodec,
-    attributes: dict[str, Any],
-    progress: bool,
-) -> None:
-    from tqdm.auto import tqdm
-
-    from hest_zarr.codecs import ImagecodecsJpeg
-
-    group = zarr.open_group(str(staging), mode="w", zarr_format=3)
-    if codec == "jpeg":
-        serializer: Any = ImagecodecsJpeg(level=90)
-        compressors: Any = None
-    else:
-        serializer, compressors = "auto", zarr.codecs.ZstdCodec(level=3)
-    images = group.create_array(
-        "img",
-        shape=(n, size, size, 3),
-        chunks=(1, size, size, 3),
-        dtype=np.uint8,
-        serializer=serializer,
-        compressors=compressors,
-        config={"write_empty_chunks": True},
-    )
-    barcodes, coords = [], []
-    written = 0
-    with tqdm(total=n, desc="patches", unit="patch", disable=not progress) as bar:
-        for ids, top_left, pixels in batches:
-            images[written : written + len(ids)] = pixels
-            written += len(ids)
-            barcodes.append(ids)
-            coords.append(top_left)
-            bar.update(len(ids))
-    group.create_array("barcode", data=np.concatenate(barcodes).astype(str))
-    group.create_array("coords", data=np.concatenate(coords).astype(np.int64))
-    group.attrs.update({"hest_zarr_patches": attributes})
-
-
-@dataclass
-class Patches:
-    """A patch store opened lazily: ``img`` is the zarr array, ``barcode``/``coords`` are loaded."""
-
-    img: zarr.Array
-    barcode: np.ndarray
-    coords: np.ndarray
-    attributes: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.barcode)
-
-
-def open_patches(url: str | Path, storage_options: StorageOptions = None) -> Patches:
-    """Open a patch store written by :func:`write_patches`."""
-    location = _locate(url, storage_options)
-    with _network_errors(location.url):
-        if not location.fs.exists(location.join("zarr.json")):
-            raise InputError(f"{location.url}: not a patch store (no zarr.json)")
-        root = zarr.open_group(location.path, mode="r") if location.is_local else _open_zarr_group(location)
-        if "hest_zarr_patches" not in root.attrs:
-            raise InputError(f"{location.url}: a zarr group but not a hest-zarr patch store")
-        missing = sorted({"img", "barcode", "coords"} - set(root.keys()))
-        if missing:
-            raise InputError(f"{location.url}: a patch store without its {missing} array(s)")
-        return Patches(root["img"], root["barcode"][:], root["coords"][:], dict(root.attrs["hest_zarr_patches"]))
-
-
-def export_hest_h5(
-    patches: str | Path | Patches, h5_path: str | Path, *, storage_options: StorageOptions = None
-) -> Path:
-    """Write a patch store in HEST's ``patches/<id>.h5`` layout: ``img`` (N, H, W, 3), ``coords`` (N, 2), ``barcode``.
-
-    ``barcode`` is ``(N, 1)`` bytes as HEST writes it; ``coords`` carry the patch size and level as attributes.
-    """
-    import h5py
-
-    store = patches if isinstance(patches, Patches) else open_patches(patches, storage_options)
-    h5_path = Path(h5_path)
-    if not h5_path.parent.is_dir():
-        raise InputError(f"{h5_path}: the folder {h5_path.parent} does not exist")
-    partial = h5_path.with_name(f".{h5_path.name}.partial")
-    try:
-        with h5py.File(partial, "w") as h5:
-            images = h5.create_dataset("img", shape=store.img.shape, dtype=np.uint8, chunks=(1, *store.img.shape[1:]))
-            step = 256
-            for start in range(0, len(store), step):
-                images[start : start + step] = store.img[start : start + step]
-            coords = h5.create_dataset("coords", data=store.coords)
-            coords.attrs["patch_size"] = store.attributes["size_px"]
-            coords.attrs["pixel_size_um"] = store.attributes["pixel_size_um"]
-            coords.attrs["patch_level"] = store.attributes.get("level", 0)
-            h5.create_dataset("barcode", data=np.asarray(store.barcode, dtype=bytes)[:, None])
-        partial.replace(h5_path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return h5_path
-
-
-@contextlib.contextmanager
-def _hest_h5(h5_path: Path) -> Iterator[tuple[Any, Any, np.ndarray]]:
-    """Open and check a HEST patch file: yields the ``img`` and ``coords`` datasets and the barcodes."""
-    import h5py
-
-    if not h5_path.is_file():
-        raise InputError(f"{h5_path}: no such patch file")
-    try:
-        h5 = h5py.File(h5_path, "r")
-    except OSError as err:
-        raise InputError(f"{h5_path}: cannot be read as HDF5 ({err})") from err
-    with h5:
-        missing = [name for name in ("img", "coords", "barcode") if name not in h5]
-        if missing:
-            raise InputError(f"{h5_path}: not a HEST patch file (missing datasets {missing})")
-        images, coords = h5["img"], h5["coords"]
-        barcodes = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in h5["barcode"][:].reshape(-1)])
-        if not (len(images) == len(coords) == len(barcodes)) or images.ndim != 4 or images.shape[1] != images.shape[2]:
-            raise InputError(
-                f"{h5_path}: img {images.shape}, coords {coords.shape} and barcode {barcodes.shape} do not line up "
-                "as N square patches"
-            )
-        if images.shape[3] != 3 or images.dtype != np.uint8 or len(images) == 0:
-            raise InputError(f"{h5_path}: img is {images.dtype} {images.shape}; expected N >= 1 RGB uint8 patches")
-        yield images, coords, barcodes
-
-
-def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
-    with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
-        return images[:], coords[:].astype(np.int64), barcodes
-
-
-def import_hest_h5(
-    h5_path: str | Path,
-    out: str | Path,
-    *,
-    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-    codec: PatchCodec = "zstd",
-    overwrite: bool = False,
-    storage_options: StorageOptions = None,
-) -> str:
-    """Turn a HEST ``patches/<id>.h5`` into a patch store (HEST's patches are 224 px at 0.5 um/px), 256 at a time.
-
-    Examples
-    --------
-    >>> import_hest_h5("hest_data/patches/TENX95.h5", "TENX95_patches.zarr")  # doctest: +SKIP
-
-    """
-    target, exists = _patch_target(out, overwrite, storage_options)
-    with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
-        attributes = {
-            "source": str(h5_path),
-            "element": Elements.SPOTS,
-            "image": Elements.HE,
-            "size_px": int(images.shape[1]),
-            "pixel_size_um": pixel_size_um,
-            "level": int(coords.attrs.get("patch_level", 0)),
-            "coords": "top-left corner (x, y) in level-0 pixels of the image",
-            "hest_zarr_version": hest_zarr.__version__,
-        }
-        step = 256  # patches read from the file at a time
-        batches = (
-            (barcodes[i : i + step], coords[i : i + step].astype(np.int64), images[i : i + step])
-            for i in range(0, len(barcodes), step)
-        )
-        return _commit_patch_store(target, exists, len(barcodes), images.shape[1], batches, codec, attributes, False)
-
-
-def _patch_target(out: str | Path, overwrite: bool, storage_options: StorageOptions) -> tuple[Any, bool]:
-    """Locate a patch store to write; refuse an existing one unless ``overwrite``."""
-    target = _locate(out, storage_options)
-    with _network_errors(target.url):
-        exists = target.fs.exists(target.path)
-    if exists:
-        _check_replaceable(target, overwrite)
-    return target, exists

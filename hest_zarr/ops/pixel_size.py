@@ -3,7 +3,7 @@
 Every spot technology prints its spots on a lattice of known pitch, so the spot centres measured in an image
 give its pixel size independently of any file metadata. The lattices (Visium rows 87 um apart on 6.5 mm capture
 areas, 86.5 um on 11 mm ones; ST v1 arrays, :data:`hest_zarr.converters.st_v1.UM_PER_ARRAY_UNIT`; Visium HD bins)
-and the trimmed least-squares fit live in :mod:`hest_zarr._lattice`, which the converters use too; their public
+and the trimmed least-squares fit live in :mod:`hest_zarr.elements.lattice`, which the converters use too; their public
 names are re-exported here.
 
 :func:`estimate_pixel_size` runs the fit on a store and compares the estimate with the pixel size embedded in the
@@ -34,8 +34,8 @@ from geopandas import GeoDataFrame
 from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
-from hest_zarr._lattice import (
+from hest_zarr.elements import CoordinateSystems, Elements, Keys
+from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
     VISIUM_INTER_SPOT_DISTANCE_UM,
     PixelSizeDisagreementWarning,

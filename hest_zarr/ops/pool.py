@@ -59,9 +59,9 @@ from scipy import sparse
 from spatialdata.transformations import BaseTransformation, get_transformation
 
 import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
-from hest_zarr._lattice import spans_plane
-from hest_zarr.converters._common import expression_table, integer_counts, square_spots
+from hest_zarr.elements import CoordinateSystems, Elements, Keys
+from hest_zarr.elements.lattice import spans_plane
+from hest_zarr.elements import expression_table, integer_counts, square_spots
 from hest_zarr.converters.xenium import is_control_feature
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import Provenance, StoreRecord, expected_kind
@@ -645,80 +645,6 @@ def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 thread.join(timeout=0.1)
 
 
-def _arrow_filesystem(fs: Any) -> pafs.FileSystem:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols or "local" in protocols:
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def parquet_files(path: str | Path, storage_options: StorageOptions = None) -> tuple[list[str], pafs.FileSystem]:
-    """Return the parquet files at a path or URL (one file, or every ``*.parquet`` in a folder) and their filesystem.
-
-    Raises
-    ------
-    InputError
-        Nothing there, or a folder without parquet files.
-
-    Examples
-    --------
-    >>> files, _ = parquet_files("TENX95.zarr/points/transcripts/points.parquet")  # doctest: +SKIP
-    >>> files  # doctest: +SKIP
-    ['TENX95.zarr/points/transcripts/points.parquet/part.0.parquet']
-
-    """
-    location = _locate(path, storage_options)
-    fs = location.fs
-    if fs.isfile(location.path):
-        files = [location.path]
-    elif fs.isdir(location.path):
-        files = sorted(p for p in fs.find(location.path) if p.endswith(".parquet"))
-        if not files:
-            raise InputError(f"{location.url}: a folder without parquet files")
-    else:
-        raise InputError(f"{location.url}: no such parquet file or folder")
-    return files, _arrow_filesystem(fs)
-
-
-def iter_parquet_batches(
-    files: Sequence[str],
-    filesystem: pafs.FileSystem,
-    columns: Sequence[str],
-    *,
-    dictionary_columns: Sequence[str] = (),
-    batch_rows: int = DEFAULT_BATCH_ROWS,
-) -> Iterator[pa.RecordBatch]:
-    """Yield record batches of ``columns`` from parquet files, ``dictionary_columns`` as dictionary codes.
-
-    Raises
-    ------
-    InputError
-        An unreadable file, or one without the columns.
-
-    Examples
-    --------
-    >>> files, fs = parquet_files("xenium/transcripts.parquet")  # doctest: +SKIP
-    >>> next(iter_parquet_batches(files, fs, ["x_location"], batch_rows=1000)).num_rows  # doctest: +SKIP
-    1000
-
-    """
-    for path in files:
-        try:
-            # pre_buffer (pyarrow's default) would read every row group of the columns up front: O(file) memory.
-            reader = pq.ParquetFile(
-                path, filesystem=filesystem, read_dictionary=list(dictionary_columns), pre_buffer=False
-            )
-        except (OSError, pa.ArrowException) as err:
-            raise InputError(f"{path}: not a readable parquet file ({err})") from err
-        missing = [name for name in columns if name not in reader.schema_arrow.names]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {missing}; found {reader.schema_arrow.names}")
-        try:
-            yield from reader.iter_batches(batch_size=batch_rows, columns=list(columns))
-        except (OSError, pa.ArrowException) as err:
-            raise InputError(f"{path}: cannot read its row groups ({err})") from err
-
-
 def transcript_columns(names: Sequence[str], source: str) -> TranscriptColumns:
     """Pick the column names of a transcript table: a store's ``x, y, gene`` or Xenium's ``x_location, ...``."""
     for candidate in (STORE_COLUMNS, XENIUM_COLUMNS):
@@ -941,7 +867,6 @@ def pool_transcripts(
             inputs=[f"{url.rstrip('/')}/points/{Elements.TRANSCRIPTS}"],
             method="pseudo-spots",
             parameters=parameters,
-            hest_zarr_version=hest_zarr.__version__,
         )
         for name in (spots_name, table_name)
     }
@@ -1172,7 +1097,6 @@ def pool_bins(
             inputs=[f"{url.rstrip('/')}/shapes/{source_spots}", f"{url.rstrip('/')}/tables/{source_table}"],
             method="bin-pooling",
             parameters=parameters,
-            hest_zarr_version=hest_zarr.__version__,
         )
         for name in (target_spots, target_table)
     }

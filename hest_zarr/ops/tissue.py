@@ -47,8 +47,8 @@ from spatialdata.transformations import get_transformation
 
 import hest_zarr
 from hest_zarr import _raster
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
-from hest_zarr.converters._common import frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements, Keys
+from hest_zarr.elements import frame_transformations
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.ops.pixel_size import spot_centres_global
 from hest_zarr.schemas import Provenance, annotated_region
@@ -717,7 +717,6 @@ def tissue(
             method=segmentation.method,
             parameters={**segmentation.parameters, "level": level, "level_shape": list(pixels.shape[:2])},
             estimated_error_um=level_pixel_um,
-            hest_zarr_version=hest_zarr.__version__,
         )
     }
     from_global = np.linalg.inv(to_global)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from hest_zarr._constants import Keys
+from hest_zarr.elements import Keys
 from hest_zarr.errors import InputError
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Versioned models of the sample metadata and of the store layout, and their JSON Schema export."""
+"""Versioned models of the sample metadata and of the store layout, the layout's names, and their JSON Schema export."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hest_zarr.schemas._layout import (
     ELEMENT_KINDS,
+    HEST_ZARR_VERSION,
     REQUIRED_COORDINATE_SYSTEMS,
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
@@ -25,6 +26,7 @@ from hest_zarr.schemas._metadata import (
     metadata_by_id,
     read_hest_metadata_csv,
 )
+from hest_zarr.schemas._names import ELEMENT_GROUPS, CoordinateSystems, Elements, Keys
 
 #: File name -> model, for the JSON Schema files checked in under ``schemas/``.
 JSON_SCHEMA_FILES = {
@@ -63,14 +65,19 @@ def export_json_schemas(directory: str | Path) -> list[Path]:
 
 
 __all__ = [
+    "ELEMENT_GROUPS",
     "ELEMENT_KINDS",
+    "HEST_ZARR_VERSION",
     "JSON_SCHEMA_FILES",
     "REQUIRED_COORDINATE_SYSTEMS",
     "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS",
     "TABLE_REGIONS",
+    "CoordinateSystems",
     "ElementKind",
     "ElementRecord",
+    "Elements",
+    "Keys",
     "Normalisation",
     "Provenance",
     "SampleMetadata",

@@ -9,12 +9,18 @@ format versions); a version this package does not know is refused with a clear e
 from __future__ import annotations
 
 import datetime as dt
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hest_zarr._constants import CoordinateSystems, Elements
 from hest_zarr.schemas._metadata import SampleMetadata
+from hest_zarr.schemas._names import CoordinateSystems, Elements
+
+try:
+    HEST_ZARR_VERSION = version("hest-zarr")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    HEST_ZARR_VERSION = "0.0.0+unknown"
 
 SCHEMA_VERSION = "1.0.0"
 #: Versions this package reads. A new version adds its model here and a migration in ``store``.
@@ -98,7 +104,7 @@ class Provenance(BaseModel):
         None, ge=0, description="Estimated positional error in micrometres.", json_schema_extra={"unit": "um"}
     )
     created: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    hest_zarr_version: str | None = None
+    hest_zarr_version: str | None = Field(HEST_ZARR_VERSION, description="hest-zarr version that wrote the element.")
 
 
 class ElementRecord(BaseModel):

@@ -19,111 +19,20 @@ are opened lazily in each process), so they work with ``num_workers > 0`` and th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-import hest_zarr
-from hest_zarr._constants import Elements
+from hest_zarr.elements import Elements
 from hest_zarr.errors import InputError
-from hest_zarr.ops._chunks import ChunkReader
-from hest_zarr.ops.patch import (
-    DEFAULT_PIXEL_SIZE_UM,
-    DEFAULT_SIZE_PX,
-    PatchPlan,
-    default_workers,
-    open_levels,
-    plan_bands,
-    plan_patches,
-    read_patches,
-)
-from hest_zarr.schemas import annotated_region
+from hest_zarr.ops.patch import DEFAULT_PIXEL_SIZE_UM, DEFAULT_SIZE_PX
 from hest_zarr.store import StorageOptions
+from hest_zarr.stream.patches import SamplePatches
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SamplePatches:
-    """One store's patch plan, expression rows and (per process, lazily) its chunk reader."""
-
-    url: str
-    sample_id: str
-    plan: PatchPlan
-    expression: np.ndarray | None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    workers: int = 0
-    _reader: ChunkReader | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_store(
-        cls,
-        url: str | Path,
-        *,
-        genes: Sequence[str] | None = None,
-        element: str = Elements.SPOTS,
-        size_px: int = DEFAULT_SIZE_PX,
-        pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-        in_tissue_only: bool = False,
-        storage_options: StorageOptions = None,
-        workers: int | None = None,
-    ) -> SamplePatches:
-        """Plan a store's patches and load the chosen genes' counts of its spots."""
-        sdata = hest_zarr.open(url, storage_options)
-        plan = plan_patches(
-            sdata, element=element, size_px=size_px, pixel_size_um=pixel_size_um, in_tissue_only=in_tissue_only
-        )
-        expression = _expression_rows(sdata, str(url), element, plan.ids, genes) if genes is not None else None
-        return cls(
-            url=str(url),
-            sample_id=hest_zarr.get_record(sdata).metadata.id,
-            plan=plan,
-            expression=expression,
-            storage_options=dict(storage_options or {}),
-            workers=workers or default_workers(url, storage_options),
-        )
-
-    @property
-    def reader(self) -> ChunkReader:
-        """Chunk reader of the plan's level, opened in each process on first use."""
-        if self._reader is None:
-            level = open_levels(self.url, storage_options=self.storage_options or None)[self.plan.level]
-            self._reader = ChunkReader(level, workers=self.workers)
-        return self._reader
-
-    def bands(self) -> list[np.ndarray]:
-        """Patch indices of every band (see :func:`hest_zarr.ops.patch.plan_bands`)."""
-        return plan_bands(self.plan, self.reader.level)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_reader"] = None  # thread pools do not pickle; each process opens its own
-        return state
-
-
-def _expression_rows(sdata: Any, url: str, element: str, ids: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-    """Return the rows of ``ids`` in the expression table of ``element`` (not any other table annotating it)."""
-    names = [name for name in sdata.tables if annotated_region(name) == element]
-    if not names:
-        raise InputError(f"{url}: genes were asked for, but no expression table annotates '{element}'")
-    table = sdata.tables[names[0]]
-    missing = [gene for gene in genes if gene not in table.var_names]
-    if missing:
-        raise InputError(f"{url}: genes {missing[:5]} ({len(missing)} in all) are not in '{names[0]}'")
-    spot_ids = pd.Index(table.obs[table.uns["spatialdata_attrs"]["instance_key"]].astype(str))
-    if spot_ids.has_duplicates:
-        raise InputError(f"{url}: '{names[0]}' has spot {spot_ids[spot_ids.duplicated()][0]!r} twice")
-    rows = spot_ids.get_indexer(ids)
-    if (rows < 0).any():
-        absent = np.asarray(ids)[rows < 0]
-        raise InputError(f"{url}: {len(absent)} patches have no row in '{names[0]}' (e.g. {absent[0]!r})")
-    matrix = table.X[rows][:, table.var_names.get_indexer(list(genes))]
-    return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
 
 
 class _Items:
@@ -226,7 +135,7 @@ class PatchDataset(_Items, Dataset):
         for sample_number, wanted in by_sample.items():
             sample = self.samples[sample_number]
             local = np.array([index for _, index in wanted])
-            for batch in read_patches(sample.plan.subset(local), sample.reader, batch_size=len(local)):
+            for batch in sample.read(local, batch_size=len(local)):
                 for within, pixels in zip(batch.indices, batch.images, strict=True):
                     items[wanted[within][0]] = self._item(sample, int(local[within]), pixels)
         return items  # type: ignore[return-value]
@@ -314,7 +223,7 @@ class IterablePatchDataset(_Items, IterableDataset):
             number, indices = units[unit]
             sample = self.samples[number]
             # one batch per unit, so that shuffling mixes the whole unit, not neighbours 16 at a time
-            for batch in read_patches(sample.plan.subset(indices), sample.reader, batch_size=len(indices)):
+            for batch in sample.read(indices, batch_size=len(indices)):
                 positions = rng.permutation(len(batch.indices)) if self.shuffle else range(len(batch.indices))
                 for position in positions:
                     within = batch.indices[position]

@@ -17,7 +17,7 @@ from spatialdata.models import Image2DModel
 
 import hest_zarr
 from hest_zarr.converters import read_visium
-from hest_zarr.converters._common import build_sample, circle_spots, frame_transformations
+from hest_zarr.elements import build_sample, circle_spots, frame_transformations
 from hest_zarr.converters.slides import he_element, slide_image
 from hest_zarr.errors import CorruptStoreError, InputError, RemoteUnreachableError
 from hest_zarr.ops import _chunks

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import hest_zarr
-from hest_zarr._lattice import fit_lattice
+from hest_zarr.elements.lattice import fit_lattice
 from hest_zarr.converters import read_visium
 from hest_zarr.converters.legacy import read_legacy
 from hest_zarr.converters.st_v1 import read_st_v1

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import hest_zarr
 from hest_zarr.cli import app
 from hest_zarr.converters import read_sample
-from hest_zarr.converters._common import build_sample, expression_table, square_spots
+from hest_zarr.elements import build_sample, expression_table, square_spots
 from hest_zarr.errors import InputError
 from hest_zarr.ops import pool
 from hest_zarr.ops.pool import (

@@ -10,22 +10,34 @@ through zarr's own ``get_block_selection``: same result, slower.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import imagecodecs
 import numpy as np
 import zarr
 
-from hest_zarr.errors import CorruptStoreError, RemoteUnreachableError
-from hest_zarr.store import _Location
+from hest_zarr.errors import CorruptStoreError, InputError, RemoteUnreachableError
+from hest_zarr.schemas import Elements
+from hest_zarr.store._location import (
+    Location,
+    StorageOptions,
+    chunk_location,
+    locate,
+    network_errors,
+    open_zarr_group,
+)
 
 #: Remote bands in flight at once (each one concurrent request batch).
 REMOTE_PREFETCH_BANDS = 8
+#: Remote fetches in flight per reader (latency hiding); local reads use one task per core.
+REMOTE_WORKERS = 32
 ChunkKey = tuple[int, int]  # (chunk row, chunk column) of a (c, y, x) array whose c axis is one chunk
 
 
@@ -34,7 +46,7 @@ class LevelArray:
     """One pyramid level: its zarr array and where its chunk objects live."""
 
     array: zarr.Array
-    location: _Location
+    location: Location
     path: str  # path of the array inside the store, e.g. "images/he/s0"
 
     @property
@@ -211,3 +223,29 @@ class ChunkReader:
                     ) from err
                 time.sleep(0.2 * 2**attempt)
         return None  # pragma: no cover  (the loop returns or raises)
+
+
+def open_levels(url: str | Path, image: str = Elements.HE, storage_options: StorageOptions = None) -> list[LevelArray]:
+    """Return the zarr arrays of every level of an image element, with where their chunks live.
+
+    Examples
+    --------
+    >>> levels = open_levels("s3://bucket/TENX95.zarr", storage_options={"anon": True})  # doctest: +SKIP
+    >>> reader = ChunkReader(levels[0], workers=chunk_workers("s3://bucket/TENX95.zarr"))  # doctest: +SKIP
+
+    """
+    location = chunk_location(url, storage_options)
+    with network_errors(location.url):
+        root = open_zarr_group(location)
+        if "images" not in root or image not in root["images"]:
+            raise InputError(f"{location.url}: the store holds no image '{image}'")
+        group = root["images"][image]
+        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+        return [
+            LevelArray(group[dataset["path"]], location, f"images/{image}/{dataset['path']}") for dataset in datasets
+        ]
+
+
+def chunk_workers(url: str | Path, storage_options: StorageOptions = None) -> int:
+    """Concurrent chunk reads for a store: one per core locally, :data:`REMOTE_WORKERS` for object storage."""
+    return (os.cpu_count() or 1) if locate(url, storage_options).is_local else REMOTE_WORKERS

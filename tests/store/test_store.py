@@ -20,7 +20,8 @@ from xarray import DataTree
 
 import hest_zarr
 from hest_zarr import store
-from hest_zarr._raster import pyramid_shapes, write_image_element
+from hest_zarr.store import _write
+from hest_zarr.store._raster import pyramid_shapes, write_image_element
 from hest_zarr.converters import read_visium
 from hest_zarr.errors import (
     IncompleteStoreError,
@@ -139,7 +140,7 @@ def test_pyramid_levels_are_2x2_means_of_the_level_above(tmp_path: Path) -> None
 def crash_on_second_element(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make ``write`` raise while writing its second element; return the element names it started."""
     calls: list[str] = []
-    original = store._write_element
+    original = _write._write_element
 
     def fail_after_first(*args, **kwargs):
         calls.append(args[3])
@@ -147,7 +148,7 @@ def crash_on_second_element(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_write_element", fail_after_first)
+    monkeypatch.setattr(_write, "_write_element", fail_after_first)
     return calls
 
 
@@ -226,14 +227,14 @@ def test_s3_write_interrupted_midway_is_not_accepted(
     url = f"{s3_bucket}/s.zarr"
 
     # 1. crash while writing the elements: nothing reaches the bucket
-    original = store._write_element
+    original = _write._write_element
     calls = crash_on_second_element(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         hest_zarr.write(sdata, url, storage_options=s3_server.storage_options)
     assert calls == ["he", "spots"]
     with pytest.raises(StoreNotFoundError):
         hest_zarr.open(url, storage_options=s3_server.storage_options)
-    monkeypatch.setattr(store, "_write_element", original)
+    monkeypatch.setattr(_write, "_write_element", original)
 
     # 2. crash during the upload, after the element files and before the root metadata
     import s3fs

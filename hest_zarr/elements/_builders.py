@@ -1,9 +1,10 @@
-"""Building blocks shared by every converter: transformations, spots, expression tables, the sample record.
+"""Element builders: transformations, spots, expression tables, the sample and its record.
 
-Every converter returns a *sample*: a SpatialData object whose elements follow the store layout
-(``docs/design.md``) and whose attributes carry a :class:`~hest_zarr.schemas.StoreRecord`. These helpers
-keep the conventions in one place: ``global`` = full-resolution H&E pixels, ``um`` = ``global`` scaled by
-the pixel size, spot ids as the shapes index and as the table's instance key, raw integer counts.
+Converters and operators build their elements here. Every converter returns a *sample*: a SpatialData
+object whose elements follow the store layout (``docs/design.md``) and whose attributes carry a
+:class:`~hest_zarr.schemas.StoreRecord`. These helpers keep the conventions in one place: ``global`` =
+full-resolution H&E pixels, ``um`` = ``global`` scaled by the pixel size, spot ids as the shapes index and as
+the table's instance key, raw integer counts.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import BaseTransformation, Identity, Scale
 from spatialdata.transformations import Sequence as SequenceTransform
 
-import hest_zarr
-from hest_zarr._constants import CoordinateSystems, Elements, Keys
+from hest_zarr.elements._records import set_record
 from hest_zarr.errors import InputError
-from hest_zarr.schemas import ElementRecord, Provenance, SampleMetadata, StoreRecord, magnification_from_pixel_size
-from hest_zarr.store import set_record
+from hest_zarr.schemas import (
+    CoordinateSystems,
+    ElementRecord,
+    Elements,
+    Keys,
+    Provenance,
+    SampleMetadata,
+    StoreRecord,
+    magnification_from_pixel_size,
+)
 
 
 def frame_transformations(
@@ -201,7 +209,6 @@ def build_sample(
                     method=(methods or {}).get(name),
                     parameters=dict((parameters or {}).get(name, {})),
                     estimated_error_um=(estimated_errors_um or {}).get(name),
-                    hest_zarr_version=hest_zarr.__version__,
                 ),
             )
     measured = {key: value for key, value in metadata.items() if value is not None}

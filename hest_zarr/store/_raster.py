@@ -27,7 +27,8 @@ from spatialdata.transformations import get_transformation
 from spatialdata.transformations._utils import _set_transformations, compute_coordinates
 from xarray import DataArray, DataTree
 
-from hest_zarr.codecs import DEFAULT_JPEG_QUALITY, ImageCodec, image_array_codecs
+from hest_zarr.elements import image_levels, scale0
+from hest_zarr.store.codecs import DEFAULT_JPEG_QUALITY, ImageCodec, image_array_codecs
 
 #: The pyramid stops at the first level whose longest side is at most this many pixels.
 PYRAMID_MIN_SIDE = 2048
@@ -291,18 +292,6 @@ def stream_pyramid(
         writes.wait()
 
 
-def _levels(image: DataArray | DataTree) -> list[da.Array] | None:
-    if isinstance(image, DataTree):
-        return [image[key]["image"].data for key in sorted(image.keys(), key=lambda k: int(k.removeprefix("scale")))]
-    return None
-
-
-def _scale0(image: DataArray | DataTree) -> DataArray:
-    if isinstance(image, DataTree):
-        return image["scale0"]["image"]
-    return image
-
-
 def write_image_element(
     images_group: zarr.Group,
     name: str,
@@ -348,38 +337,38 @@ def write_image_element(
     """
     if not 64 <= chunk_size <= 4096:
         raise ValueError(f"chunk_size must be within 64-4096 px, got {chunk_size}")
-    scale0 = _scale0(image)
-    axes = tuple(get_axes_names(scale0))
+    full = scale0(image)
+    axes = tuple(get_axes_names(full))
     is_labels = axes == ("y", "x")
     if axes != ("c", "y", "x") and not is_labels:
         raise ValueError(
             f"image {name!r} has axes {axes}; hest-zarr stores 2D images as ('c', 'y', 'x') and labels as ('y', 'x')"
         )
-    if is_labels and not np.issubdtype(scale0.dtype, np.integer):
-        raise ValueError(f"labels {name!r} must hold integer ids, found {scale0.dtype}")
-    transformations = get_transformation(scale0, get_all=True)
-    channels = [] if is_labels else [str(c) for c in get_channel_names(scale0)]
-    given_levels = _levels(image)
+    if is_labels and not np.issubdtype(full.dtype, np.integer):
+        raise ValueError(f"labels {name!r} must hold integer ids, found {full.dtype}")
+    transformations = get_transformation(full, get_all=True)
+    channels = [] if is_labels else [str(c) for c in get_channel_names(full)]
+    given_levels = image_levels(image) if isinstance(image, DataTree) else None
 
     group = images_group.create_group(name, overwrite=True)
-    n_channels = 1 if is_labels else scale0.shape[0]
+    n_channels = 1 if is_labels else full.shape[0]
     leading = () if is_labels else (n_channels,)
     codecs = image_array_codecs(
-        "zstd" if is_labels else codec, n_channels=n_channels, dtype=scale0.dtype, jpeg_quality=jpeg_quality
+        "zstd" if is_labels else codec, n_channels=n_channels, dtype=full.dtype, jpeg_quality=jpeg_quality
     )
     if given_levels is not None:
         shapes = [tuple(level.shape[-2:]) for level in given_levels]
     elif build_pyramid:
-        shapes = pyramid_shapes(*scale0.shape[-2:], min_side=min_side)
+        shapes = pyramid_shapes(*full.shape[-2:], min_side=min_side)
     else:
-        shapes = [tuple(scale0.shape[-2:])]
+        shapes = [tuple(full.shape[-2:])]
 
     arrays = [
         group.create_array(
             name=f"s{index}",
             shape=(*leading, height, width),
             chunks=(*leading, min(chunk_size, height), min(chunk_size, width)),
-            dtype=scale0.dtype,
+            dtype=full.dtype,
             dimension_names=list(axes),
             fill_value=0,
             # every chunk is written whole, once: skipping zarr's all-fill-value scan of each chunk makes
@@ -394,14 +383,14 @@ def write_image_element(
     downsample = downsample_labels_2x if is_labels else downsample_2x
     channel_scale = [] if is_labels else [1.0]
     if given_levels is None:
-        source = da.asarray(scale0.data)
+        source = da.asarray(full.data)
         stream_pyramid(source[None] if is_labels else source, targets, description=name, downsample=downsample)
         scales = [[*channel_scale, float(2**index), float(2**index)] for index in range(len(shapes))]
     else:
         for index, (level, target) in enumerate(zip(given_levels, targets, strict=True)):
             source = da.asarray(level)
             stream_pyramid(source[None] if is_labels else source, [target], description=f"{name} s{index}")
-        scales = [[*channel_scale, scale0.shape[-2] / height, scale0.shape[-1] / width] for height, width in shapes]
+        scales = [[*channel_scale, full.shape[-2] / height, full.shape[-1] / width] for height, width in shapes]
     datasets = [
         {"path": f"s{index}", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         for index, scale in enumerate(scales)

@@ -6,9 +6,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import hest_zarr
 from hest_zarr.converters.st_v1 import read_st_v1
-from hest_zarr.ops.patch import open_patches, write_patches
+from hest_zarr.elements import get_record
+from hest_zarr.store import info, open_patches, validate, write
+from hest_zarr.workflows.patch import write_patches
 
 DEMO_SAMPLE = "st_v1_mob1"
 #: HEST-Benchmark's field of view: 112 um patches (224 px at 0.5 um/px); MOB1's H&E is ~4.39 um/px.
@@ -40,18 +41,18 @@ def run_demo(output: str | Path) -> dict[str, Any]:
         image=folder / "MOB1.jpg",
         sample_id="MOB1",
     )
-    url = hest_zarr.write(sdata, output, overwrite=True, chunk_size=256)
-    problems = hest_zarr.validate(url)
+    url = write(sdata, output, overwrite=True, chunk_size=256)
+    problems = validate(url)
     if problems:
         raise RuntimeError("the demo store does not validate:\n" + "\n".join(map(str, problems)))
-    pixel_size = hest_zarr.get_record(sdata).pixel_size_um
+    pixel_size = get_record(sdata).pixel_size_um
     size_px = round(PATCH_FIELD_UM / pixel_size)
     patches_url = write_patches(
         url, f"{Path(output)}.patches.zarr", size_px=size_px, pixel_size_um=pixel_size, overwrite=True, progress=False
     )
     patches = open_patches(patches_url)
     return {
-        "store": hest_zarr.info(url),
+        "store": info(url),
         "patches": {
             "url": patches_url,
             "n": len(patches),

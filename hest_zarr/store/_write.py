@@ -1,0 +1,211 @@
+"""Write sample stores and add elements to them, through the one staged commit (:mod:`._commit`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import zarr
+from pydantic import ValidationError
+from spatialdata import SpatialData
+
+from hest_zarr.elements import get_record, set_record
+from hest_zarr.errors import HestZarrError
+from hest_zarr.schemas import (
+    ElementRecord,
+    Keys,
+    Provenance,
+    SampleMetadata,
+    StoreRecord,
+    expected_kind,
+    magnification_from_pixel_size,
+)
+from hest_zarr.store._commit import commit_elements, commit_store, prepare_target, staging_directory
+from hest_zarr.store._location import StorageOptions, locate, network_errors, open_zarr_group
+from hest_zarr.store._raster import DEFAULT_CHUNK_SIZE, write_image_element
+from hest_zarr.store._read import read_root_attributes
+from hest_zarr.store.codecs import DEFAULT_JPEG_QUALITY, ImageCodec
+
+
+def write(
+    sdata: SpatialData,
+    url: str | Path,
+    *,
+    overwrite: bool = False,
+    image_codec: ImageCodec = "zstd",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    storage_options: StorageOptions = None,
+) -> str:
+    """Write a sample to a store, locally or remotely, atomically.
+
+    Parameters
+    ----------
+    sdata
+        The sample; it must carry a record (:func:`set_record`).
+    url
+        Local path or fsspec URL of the new store.
+    overwrite
+        Replace an existing store. Without it an existing target is an error.
+    image_codec
+        ``"zstd"`` (lossless, default) or ``"jpeg"`` for image arrays.
+    jpeg_quality
+        JPEG quality when ``image_codec="jpeg"``.
+    chunk_size
+        Image chunk side in pixels.
+    storage_options
+        fsspec options for a remote URL.
+
+    Returns
+    -------
+    The URL written.
+
+    Examples
+    --------
+    >>> hest_zarr.write(sdata, "s3://bucket/sample.zarr", image_codec="jpeg", jpeg_quality=90)  # doctest: +SKIP
+
+    """
+    record = get_record(sdata)
+    missing = [name for _, name, _ in sdata.gen_elements() if name not in record.elements]
+    if missing:
+        raise HestZarrError(f"elements {missing} have no provenance in the record; add an ElementRecord for each")
+    location, exists = prepare_target(url, overwrite, storage_options)
+    with staging_directory(location) as staging:
+        _write_staged(sdata, staging, image_codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
+        commit_store(staging, location, replace=exists)
+    return location.url
+
+
+def _write_staged(
+    sdata: SpatialData, staging: Path, *, image_codec: ImageCodec, jpeg_quality: int, chunk_size: int
+) -> None:
+    """Write every element into a fresh local directory, then consolidate its metadata."""
+    SpatialData(attrs=sdata.attrs).write(staging, consolidate_metadata=False)
+    non_raster = SpatialData(
+        shapes=sdata.shapes, points=sdata.points, tables=sdata.tables, labels=sdata.labels, attrs=sdata.attrs
+    )
+    non_raster.path = staging
+    for kind, name, element in sdata.gen_elements():
+        _write_element(non_raster, staging, kind, name, element, image_codec, jpeg_quality, chunk_size)
+    zarr.consolidate_metadata(str(staging))
+
+
+def _write_element(
+    non_raster: SpatialData,
+    staging: Path,
+    kind: str,
+    name: str,
+    element: Any,
+    image_codec: ImageCodec,
+    jpeg_quality: int,
+    chunk_size: int,
+) -> None:
+    if kind in ("images", "labels"):
+        root = zarr.open_group(str(staging), mode="r+")
+        images = root.require_group(kind)
+        write_image_element(images, name, element, codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
+    else:
+        non_raster.write_element(name)
+
+
+def add_elements(
+    url: str | Path,
+    elements: Mapping[str, Any],
+    provenance: Mapping[str, Provenance],
+    *,
+    metadata_updates: Mapping[str, Any] | None = None,
+    pixel_size_um: float | None = None,
+    replace: bool = False,
+    image_codec: ImageCodec = "zstd",
+    storage_options: StorageOptions = None,
+) -> str:
+    """Add elements to an existing store (or replace some), and update its record.
+
+    Operators write their results with this: tissue polygons, new spot positions, pooled tables,
+    embeddings. Everything is staged first; then each element is moved in (local) or uploaded (remote),
+    and the root record, with the new provenance and metadata, is written last and the metadata
+    re-consolidated.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of an existing store.
+    elements
+        Element name -> spatialdata element (parsed by its model, transformations set). May be empty to
+        update only the metadata.
+    provenance
+        Element name -> where it came from; one entry for every element. An entry for an element of the store
+        that is not in ``elements`` updates its record only (its data is not rewritten).
+    metadata_updates
+        :class:`~hest_zarr.schemas.SampleMetadata` fields to set (e.g. ``pixel_size_um_estimated``).
+    pixel_size_um
+        New scale from ``global`` to ``um`` for the record (keep the old one when ``None``).
+    replace
+        Replace elements of the same name; without it an existing name is an error.
+    image_codec
+        Codec of new image or label elements.
+    storage_options
+        fsspec options for a remote URL.
+
+    Returns
+    -------
+    The URL of the store.
+
+    Examples
+    --------
+    >>> add_elements(  # doctest: +SKIP
+    ...     "sample.zarr", {"tissue": polygons}, {"tissue": Provenance(converter="ops.tissue", method="threshold")}
+    ... )
+
+    """
+    location = locate(url, storage_options)
+    attributes = read_root_attributes(location)
+    record = StoreRecord.model_validate(attributes[Keys.ROOT_ATTRS])
+    missing = sorted(set(elements) - set(provenance))
+    if missing:
+        raise HestZarrError(f"elements {missing} have no provenance; pass a Provenance for each")
+    with warnings.catch_warnings():  # a table may annotate shapes the store already holds
+        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+        new = SpatialData.init_from_elements(dict(elements)) if elements else SpatialData()
+    kinds = {name: kind for kind, name, _ in new.gen_elements()}
+    for name, kind in kinds.items():
+        wanted = expected_kind(name)
+        if wanted != kind:
+            raise HestZarrError(f"{location.url}: '{name}' must be {wanted or 'a layout name'}, got {kind}")
+        if name in record.elements and not replace:
+            raise HestZarrError(f"{location.url}: already holds '{name}' (pass replace=True to replace it)")
+        if name in record.elements and record.elements[name].kind != kind:
+            raise HestZarrError(f"{location.url}: '{name}' is {record.elements[name].kind}, cannot replace by {kind}")
+    updated = record.model_copy(deep=True)
+    for name, kind in kinds.items():
+        updated.elements[name] = ElementRecord(kind=kind, provenance=provenance[name])
+    for name in sorted(set(provenance) - set(kinds)):  # provenance only: the element's data is left untouched
+        if name not in record.elements:
+            raise HestZarrError(f"{location.url}: provenance for '{name}', which is neither given nor in the store")
+        updated.elements[name] = record.elements[name].model_copy(update={"provenance": provenance[name]})
+    if metadata_updates:
+        metadata = {**record.metadata.model_dump(exclude_none=True), **metadata_updates}
+        estimated = metadata_updates.get("pixel_size_um_estimated")
+        if estimated is not None and "magnification" not in metadata_updates:
+            metadata["magnification"] = magnification_from_pixel_size(estimated)
+        try:
+            updated.metadata = SampleMetadata.model_validate(metadata)
+        except ValidationError as err:
+            raise HestZarrError(f"{location.url}: invalid metadata update {dict(metadata_updates)}: {err}") from err
+    if pixel_size_um is not None:
+        updated.pixel_size_um = pixel_size_um
+    updated = StoreRecord.model_validate(updated.model_dump())
+    set_record(new, updated)
+
+    with staging_directory(location) as staging:
+        _write_staged(
+            new, staging, image_codec=image_codec, jpeg_quality=DEFAULT_JPEG_QUALITY, chunk_size=DEFAULT_CHUNK_SIZE
+        )
+        commit_elements(staging, location, [(kind, name) for name, kind in kinds.items()])
+    with network_errors(location.url):
+        root = open_zarr_group(location, mode="r+")
+        root.attrs[Keys.ROOT_ATTRS] = updated.model_dump(mode="json")
+        zarr.consolidate_metadata(root.store)
+    return location.url

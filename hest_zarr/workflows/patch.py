@@ -1,0 +1,76 @@
+"""Patch a sample store into a patch store: open -> plan and cut (the one patch reader) -> commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hest_zarr.elements import Elements
+from hest_zarr.ops.patch import DEFAULT_PIXEL_SIZE_UM, DEFAULT_SIZE_PX
+from hest_zarr.schemas import HEST_ZARR_VERSION
+from hest_zarr.store import PatchCodec, StorageOptions, check_target, write_patch_store
+from hest_zarr.stream import extract_patches
+
+
+def write_patches(
+    url: str | Path,
+    out: str | Path,
+    *,
+    element: str = Elements.SPOTS,
+    image: str = Elements.HE,
+    size_px: int = DEFAULT_SIZE_PX,
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+    in_tissue_only: bool = False,
+    codec: PatchCodec = "zstd",
+    overwrite: bool = False,
+    workers: int | None = None,
+    storage_options: StorageOptions = None,
+    out_storage_options: StorageOptions = None,
+    progress: bool = True,
+) -> str:
+    """Cut every patch of a sample and write them to a patch store (zarr), atomically.
+
+    The patch store holds ``img`` (N x H x W x 3 uint8, one patch per chunk), ``barcode`` (the ids) and
+    ``coords`` (top-left, level-0 pixels, ``x, y``), in band order; its attributes record the level, the
+    pixel sizes, the source store and element. :func:`hest_zarr.converters.hest_patches.export_hest_h5`
+    turns it into HEST's ``.h5`` layout.
+
+    Examples
+    --------
+    >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP
+
+    """
+    check_target(out, overwrite, out_storage_options)  # refuse before the work, not after it
+    plan, batches = extract_patches(
+        url,
+        element=element,
+        image=image,
+        size_px=size_px,
+        pixel_size_um=pixel_size_um,
+        in_tissue_only=in_tissue_only,
+        workers=workers,
+        storage_options=storage_options,
+    )
+    attributes = {
+        "source": str(url),
+        "element": element,
+        "image": image,
+        "size_px": size_px,
+        "pixel_size_um": pixel_size_um,
+        "level": plan.level,
+        "level_pixel_size_um": plan.level_pixel_size_um,
+        "window_px_at_level": plan.window,
+        "resampling": "none" if plan.window == size_px else ("area" if plan.window > size_px else "bilinear"),
+        "coords": "top-left corner (x, y) in level-0 pixels of the image",
+        "hest_zarr_version": HEST_ZARR_VERSION,
+    }
+    return write_patch_store(
+        out,
+        len(plan),
+        size_px,
+        ((batch.ids, batch.coords, batch.images) for batch in batches),
+        attributes=attributes,
+        codec=codec,
+        overwrite=overwrite,
+        storage_options=out_storage_options,
+        progress=progress,
+    )

@@ -32,7 +32,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
 from hest_zarr.elements import Elements, Keys
-from hest_zarr.elements.lattice import fit_lattice
+from hest_zarr.elements.lattice import ST_GRID_PITCH_UM, UM_PER_ARRAY_UNIT, fit_lattice
 from hest_zarr.elements import build_sample, circle_spots, expression_table, frame_transformations
 from hest_zarr.converters.legacy import compact_integers, infer_species, read_delimited_table
 from hest_zarr.converters.visium import _check_image_covers_spots, _read_image
@@ -40,10 +40,7 @@ from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 
 ST_SPOT_DIAMETER_UM = 100.0
-ST_GRID_PITCH_UM = 200.0  # centre to centre along array rows and columns, both designs
 ArrayDesign = Literal["auto", "1k", "2k"]
-#: Micrometres per array unit of each design.
-UM_PER_ARRAY_UNIT: dict[str, float] = {"1k": ST_GRID_PITCH_UM, "2k": ST_GRID_PITCH_UM / 2}
 #: Nearest centre-to-centre distance of each design (HEST's ``inter_spot_dist``).
 NEAREST_SPOT_DISTANCE_UM: dict[str, float] = {"1k": ST_GRID_PITCH_UM, "2k": ST_GRID_PITCH_UM / math.sqrt(2)}
 SPOT_ID = re.compile(r"^(\d+(?:\.\d+)?)x(\d+(?:\.\d+)?)$")

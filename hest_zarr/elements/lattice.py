@@ -35,6 +35,10 @@ VISIUM_INTER_SPOT_DISTANCE_UM = 100.0
 VISIUM_6_5MM_ROW_PITCH_UM = 87.0
 VISIUM_11MM_ROW_PITCH_UM = 86.5
 VISIUM_6_5MM_SHAPE = (78, 128)
+#: ST v1 arrays: centre to centre along array rows and columns, both designs (1k and 2k).
+ST_GRID_PITCH_UM = 200.0
+#: Micrometres per ST v1 array unit of each design (the 2k array interleaves a second grid).
+UM_PER_ARRAY_UNIT: dict[str, float] = {"1k": ST_GRID_PITCH_UM, "2k": ST_GRID_PITCH_UM / 2}
 #: Relative disagreement between a lattice estimate and a reference pixel size above which it is flagged.
 DISAGREEMENT_TOLERANCE = 0.05
 #: Spots farther from the fit than this many robust standard deviations are outliers.

@@ -2,7 +2,7 @@
 
 Every spot technology prints its spots on a lattice of known pitch, so the spot centres measured in an image
 give its pixel size independently of any file metadata. The lattices (Visium rows 87 um apart on 6.5 mm capture
-areas, 86.5 um on 11 mm ones; ST v1 arrays, :data:`hest_zarr.converters.st_v1.UM_PER_ARRAY_UNIT`; Visium HD bins)
+areas, 86.5 um on 11 mm ones; ST v1 arrays, :data:`hest_zarr.elements.lattice.UM_PER_ARRAY_UNIT`; Visium HD bins)
 and the trimmed least-squares fit live in :mod:`hest_zarr.elements.lattice`, which the converters use too; their public
 names are re-exported here.
 
@@ -38,6 +38,7 @@ from hest_zarr.elements import CoordinateSystems, Elements, Keys
 from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
     VISIUM_INTER_SPOT_DISTANCE_UM,
+    UM_PER_ARRAY_UNIT,
     PixelSizeDisagreementWarning,
     PixelSizeEstimate,
     fit_pixel_size,
@@ -46,7 +47,6 @@ from hest_zarr.elements.lattice import (
     visium_lattice_um,
     visium_row_pitch_um,
 )
-from hest_zarr.converters.st_v1 import UM_PER_ARRAY_UNIT
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import Provenance, annotated_region
 from hest_zarr.store import StorageOptions, add_elements, get_record

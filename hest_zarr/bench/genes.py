@@ -37,6 +37,8 @@ from hest_zarr.errors import InputError
 
 VarianceCriterion = Literal["log1p-variance", "seurat-dispersion"]
 VARIANCE_CRITERIA: Final = ("log1p-variance", "seurat-dispersion")
+
+
 @dataclass(frozen=True)
 class GeneSelection:
     """The genes a task predicts and how they were chosen.

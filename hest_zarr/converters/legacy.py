@@ -35,14 +35,6 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
-from hest_zarr.elements import Elements, Keys
-from hest_zarr.elements.lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
-from hest_zarr.elements import (
-    build_sample,
-    circle_spots,
-    expression_table,
-    frame_transformations,
-)
 from hest_zarr.converters.visium import (
     POSITION_COLUMNS,
     VISIUM_SPOT_DIAMETER_UM,
@@ -51,6 +43,15 @@ from hest_zarr.converters.visium import (
     read_anndata_counts,
     read_counts,
 )
+from hest_zarr.elements import (
+    Elements,
+    Keys,
+    build_sample,
+    circle_spots,
+    expression_table,
+    frame_transformations,
+)
+from hest_zarr.elements.lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 

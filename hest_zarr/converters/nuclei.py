@@ -58,9 +58,7 @@ from spatialdata import SpatialData, transform
 from spatialdata.models import ShapesModel
 from spatialdata.transformations import BaseTransformation, get_transformation
 
-import hest_zarr
-from hest_zarr.elements import CoordinateSystems, Elements
-from hest_zarr.elements import frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements, frame_transformations
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.schemas import ElementRecord, Provenance
 from hest_zarr.store import get_record, set_record

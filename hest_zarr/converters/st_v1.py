@@ -31,11 +31,10 @@ import pandas as pd
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
-from hest_zarr.elements import Elements, Keys
-from hest_zarr.elements.lattice import ST_GRID_PITCH_UM, UM_PER_ARRAY_UNIT, fit_lattice
-from hest_zarr.elements import build_sample, circle_spots, expression_table, frame_transformations
 from hest_zarr.converters.legacy import compact_integers, infer_species, read_delimited_table
 from hest_zarr.converters.visium import _check_image_covers_spots, _read_image
+from hest_zarr.elements import Elements, Keys, build_sample, circle_spots, expression_table, frame_transformations
+from hest_zarr.elements.lattice import ST_GRID_PITCH_UM, UM_PER_ARRAY_UNIT, fit_lattice
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 

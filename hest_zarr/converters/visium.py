@@ -39,7 +39,15 @@ from spatialdata.transformations import Identity, Scale
 from spatialdata_io._constants._constants import VisiumKeys
 from xarray import DataArray
 
-from hest_zarr.elements import Elements, Keys
+from hest_zarr.elements import (
+    Elements,
+    Keys,
+    build_sample,
+    circle_spots,
+    expression_table,
+    frame_transformations,
+    integer_counts,
+)
 from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
     VISIUM_INTER_SPOT_DISTANCE_UM,
@@ -48,13 +56,6 @@ from hest_zarr.elements.lattice import (
     spans_plane,
     visium_lattice_name,
     visium_lattice_um,
-)
-from hest_zarr.elements import (
-    build_sample,
-    circle_spots,
-    expression_table,
-    frame_transformations,
-    integer_counts,
 )
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata

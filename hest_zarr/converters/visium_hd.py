@@ -30,8 +30,6 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata_io._constants._constants import VisiumHDKeys
 
-from hest_zarr.elements import Elements, Keys
-from hest_zarr.elements import build_sample, square_spots
 from hest_zarr.converters.visium import (
     COUNTS_CANDIDATES,
     he_image,
@@ -43,6 +41,7 @@ from hest_zarr.converters.visium import (
     species_from_genome,
     spot_expression,
 )
+from hest_zarr.elements import Elements, Keys, build_sample, square_spots
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
 

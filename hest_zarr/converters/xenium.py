@@ -84,11 +84,9 @@ from spatialdata_io._constants._constants import XeniumKeys
 from spatialdata_io.readers.xenium import cell_id_str_from_prefix_suffix_uint32
 from xarray import DataArray
 
-import hest_zarr
-from hest_zarr.elements import CoordinateSystems, Elements, Keys
-from hest_zarr.elements import build_sample, expression_table, frame_transformations
 from hest_zarr.converters.slides import RGB_CHANNELS, he_element, slide_image
 from hest_zarr.converters.visium import read_counts
+from hest_zarr.elements import CoordinateSystems, Elements, Keys, build_sample, expression_table, frame_transformations
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import ElementRecord, Provenance, SampleMetadata
 from hest_zarr.store import get_record, set_record

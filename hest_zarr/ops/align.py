@@ -51,10 +51,8 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-import hest_zarr
-from hest_zarr.elements import Elements, Keys
-from hest_zarr.elements import circle_spots
 from hest_zarr.converters.slides import slide_image
+from hest_zarr.elements import Elements, Keys, circle_spots
 from hest_zarr.errors import AlignmentError, InputError
 from hest_zarr.ops.fiducials import CORNER_NAMES, CornerDetection, find_frame
 from hest_zarr.ops.tissue import (

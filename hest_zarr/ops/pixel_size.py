@@ -37,8 +37,8 @@ from spatialdata.transformations import get_transformation
 from hest_zarr.elements import CoordinateSystems, Elements, Keys
 from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
-    VISIUM_INTER_SPOT_DISTANCE_UM,
     UM_PER_ARRAY_UNIT,
+    VISIUM_INTER_SPOT_DISTANCE_UM,
     PixelSizeDisagreementWarning,
     PixelSizeEstimate,
     fit_pixel_size,

@@ -51,7 +51,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from anndata import AnnData
 from geopandas import GeoDataFrame
@@ -59,10 +58,9 @@ from scipy import sparse
 from spatialdata.transformations import BaseTransformation, get_transformation
 
 import hest_zarr
-from hest_zarr.elements import CoordinateSystems, Elements, Keys
-from hest_zarr.elements.lattice import spans_plane
-from hest_zarr.elements import expression_table, integer_counts, square_spots
 from hest_zarr.converters.xenium import is_control_feature
+from hest_zarr.elements import CoordinateSystems, Elements, Keys, expression_table, integer_counts, square_spots
+from hest_zarr.elements.lattice import spans_plane
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import Provenance, StoreRecord, expected_kind
 from hest_zarr.store import StorageOptions, _locate, _open_zarr_group, _read_root_attributes

@@ -40,8 +40,7 @@ from spatialdata.transformations import Affine, get_transformation, set_transfor
 
 import hest_zarr
 from hest_zarr import _raster
-from hest_zarr.elements import CoordinateSystems, Elements
-from hest_zarr.elements import frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements, frame_transformations
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.schemas import Provenance
 from hest_zarr.store import StorageOptions, add_elements, get_record

@@ -45,10 +45,8 @@ from skimage import color, filters, measure
 from spatialdata.models import ShapesModel
 from spatialdata.transformations import get_transformation
 
-import hest_zarr
 from hest_zarr import _raster
-from hest_zarr.elements import CoordinateSystems, Elements, Keys
-from hest_zarr.elements import frame_transformations
+from hest_zarr.elements import CoordinateSystems, Elements, Keys, frame_transformations
 from hest_zarr.errors import HestZarrError, InputError
 from hest_zarr.ops.pixel_size import spot_centres_global
 from hest_zarr.schemas import Provenance, annotated_region

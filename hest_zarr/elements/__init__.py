@@ -13,6 +13,7 @@ from hest_zarr.elements._builders import (
     expression_table,
     frame_transformations,
     integer_counts,
+    spot_sample,
     square_spots,
 )
 from hest_zarr.elements._features import CONTROL_FEATURE_TYPES, CONTROL_PROBE, is_control_feature
@@ -45,6 +46,7 @@ __all__ = [
     "load_level",
     "scale0",
     "set_record",
+    "spot_sample",
     "square_spots",
     "validate_sample",
 ]

@@ -222,3 +222,29 @@ def build_sample(
     sdata = SpatialData(**elements)
     set_record(sdata, record)
     return sdata
+
+
+def spot_sample(
+    spots: GeoDataFrame, table: AnnData, *, method: str, estimated_error_um: float | None = None, **sample: Any
+) -> SpatialData:
+    """Assemble a sample of one spot set and its expression table (Visium, ST v1, legacy tables).
+
+    Parameters
+    ----------
+    spots, table
+        The ``spots`` shapes and the ``spot_expression`` table annotating them.
+    method
+        How the spots were placed (recorded in the spots' provenance).
+    estimated_error_um
+        The placement's positional error in micrometres, when known.
+    **sample
+        :func:`build_sample`'s other arguments (``converter``, ``metadata``, ``pixel_size_um``, ``inputs``...).
+
+    """
+    return build_sample(
+        shapes={Elements.SPOTS: spots},
+        tables={Elements.SPOT_EXPRESSION: table},
+        methods={Elements.SPOTS: method},
+        estimated_errors_um=None if estimated_error_um is None else {Elements.SPOTS: estimated_error_um},
+        **sample,
+    )

@@ -57,12 +57,19 @@ class ElementUpdate:
         New scale from ``global`` to ``um`` (``None`` keeps the store's).
     replace
         Whether elements of the same name are replaced.
+    anchored
+        Names of the provenance entries whose ``inputs`` are paths inside the store (what the operator read),
+        which :meth:`read_from` anchors; ``None``: every entry. An entry the operator carries over from the sample
+        (a replaced table keeping its converter's source files) is left out.
 
     Examples
     --------
     >>> update = ElementUpdate({}, {"spots": Provenance(converter="ops.x", inputs=["spots"])})
     >>> update.read_from("s3://bucket/s.zarr").provenance["spots"].inputs
     ['s3://bucket/s.zarr/spots']
+    >>> kept = ElementUpdate({}, {"spots": Provenance(converter="visium", inputs=["outs/x.csv"])}, anchored=frozenset())
+    >>> kept.read_from("s3://bucket/s.zarr").provenance["spots"].inputs
+    ['outs/x.csv']
 
     """
 
@@ -71,12 +78,15 @@ class ElementUpdate:
     metadata_updates: Mapping[str, Any] = field(default_factory=dict)
     pixel_size_um: float | None = None
     replace: bool = False
+    anchored: frozenset[str] | None = None
 
     def read_from(self, url: str) -> ElementUpdate:
-        """Return the update with its store-relative ``inputs`` written as paths under ``url``."""
+        """Return the update with the store-relative ``inputs`` of its :attr:`anchored` entries under ``url``."""
         base = str(url).rstrip("/")
-        anchored = {
-            name: provenance.model_copy(update={"inputs": [f"{base}/{path}" for path in provenance.inputs]})
-            for name, provenance in self.provenance.items()
+        provenance = {
+            name: entry.model_copy(update={"inputs": [f"{base}/{path}" for path in entry.inputs]})
+            if self.anchored is None or name in self.anchored
+            else entry
+            for name, entry in self.provenance.items()
         }
-        return replace(self, provenance=anchored)
+        return replace(self, provenance=provenance, anchored=frozenset())

@@ -41,7 +41,7 @@ from hest_zarr.store._points import DEFAULT_BATCH_ROWS, iter_parquet_batches, pa
 from hest_zarr.store._raster import DEFAULT_CHUNK_SIZE, PYRAMID_MIN_SIDE, image_from_levels, pyramid_shapes
 from hest_zarr.store._read import open  # noqa: A004
 from hest_zarr.store._validate import info, validate
-from hest_zarr.store._write import add_elements, write
+from hest_zarr.store._write import add_elements, apply_update, write
 from hest_zarr.store.codecs import DEFAULT_JPEG_QUALITY, ImageCodec
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "Patches",
     "StorageOptions",
     "add_elements",
+    "apply_update",
     "check_target",
     "chunk_workers",
     "get_record",

@@ -18,8 +18,8 @@ from hest_zarr.errors import (
     StoreNotFoundError,
 )
 from hest_zarr.schemas import ELEMENT_GROUPS, SUPPORTED_SCHEMA_VERSIONS, Keys
-from hest_zarr.store import _raster
 from hest_zarr.store._location import ROOT_METADATA, Location, StorageOptions, locate, network_errors, open_zarr_group
+from hest_zarr.store._raster import read_image_element
 
 
 def read_root_attributes(location: Location) -> dict[str, Any]:
@@ -122,7 +122,7 @@ def _read_remote(location: Location, attributes: dict[str, Any]) -> SpatialData:
             where = f"{location.url}/{kind}/{name}"
             try:
                 if kind in ("images", "labels"):
-                    elements[kind][name] = _raster.read_image_element(group)
+                    elements[kind][name] = read_image_element(group)
                 elif kind == "shapes":
                     shapes = geopandas.read_parquet(location.join(kind, name, "shapes.parquet"), filesystem=location.fs)
                     _set_transformations(

@@ -11,7 +11,7 @@ import zarr
 from pydantic import ValidationError
 from spatialdata import SpatialData
 
-from hest_zarr.elements import get_record, set_record
+from hest_zarr.elements import ElementUpdate, get_record, set_record
 from hest_zarr.errors import HestZarrError
 from hest_zarr.schemas import (
     ElementRecord,
@@ -209,3 +209,30 @@ def add_elements(
         root.attrs[Keys.ROOT_ATTRS] = updated.model_dump(mode="json")
         zarr.consolidate_metadata(root.store)
     return location.url
+
+
+def apply_update(url: str | Path, update: ElementUpdate, *, storage_options: StorageOptions = None) -> ElementUpdate:
+    """Write an operator's result into the store it was computed from; return the update as written.
+
+    Its store-relative provenance inputs are anchored under ``url`` (:meth:`ElementUpdate.read_from`), then
+    everything goes through :func:`add_elements`.
+
+    Examples
+    --------
+    >>> sdata = hest_zarr.open("perik.zarr")  # doctest: +SKIP
+    >>> apply_update("perik.zarr", segment_sample(sdata).update)  # doctest: +SKIP
+
+    """
+    written = update.read_from(str(url))
+    with warnings.catch_warnings():  # tables may annotate shapes that stay in the store, not in the update
+        warnings.filterwarnings("ignore", message=".*is annotating '.*', which is not present", category=UserWarning)
+        add_elements(
+            url,
+            written.elements,
+            written.provenance,
+            metadata_updates=written.metadata_updates,
+            pixel_size_um=written.pixel_size_um,
+            replace=written.replace,
+            storage_options=storage_options,
+        )
+    return written

@@ -16,8 +16,8 @@ from PIL import Image
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity
 
-from hest_zarr.store._raster import pyramid_shapes, read_image_element, write_image_element
 from hest_zarr.converters.slides import slide_image
+from hest_zarr.store._raster import pyramid_shapes, read_image_element, write_image_element
 from tests.conftest import shared
 
 

@@ -20,8 +20,6 @@ from xarray import DataTree
 
 import hest_zarr
 from hest_zarr import store
-from hest_zarr.store import _write
-from hest_zarr.store._raster import pyramid_shapes, write_image_element
 from hest_zarr.converters import read_visium
 from hest_zarr.errors import (
     IncompleteStoreError,
@@ -31,6 +29,8 @@ from hest_zarr.errors import (
     StoreNotFoundError,
 )
 from hest_zarr.schemas import ElementRecord, Provenance, SampleMetadata, StoreRecord
+from hest_zarr.store import _write
+from hest_zarr.store._raster import pyramid_shapes, write_image_element
 from tests.conftest import free_port, shared
 
 

@@ -12,8 +12,8 @@ A HEST-1k download holds, per sample id ``ID`` (layout described in the HEST-1k 
 - ``xenium_seg/ID_xenium_cell_seg.parquet`` / ``ID_xenium_nucleus_seg.parquet`` (or ``.geojson.zip``): the Xenium
   cell and nucleus polygons in H&E pixels (see :func:`xenium_seg_paths`);
 - ``patches/ID.h5``: 224 px patches around spots at 0.5 um/px (derived data: :func:`read_hest` does not
-  import them; :func:`hest_zarr.ops.patch.import_hest_h5` turns the file into a patch store, and
-  ``export_hest(..., patches=True)`` cuts them from a store).
+  import them; :func:`hest_zarr.converters.hest_patches.import_hest_h5` turns the file into a patch store, and
+  :func:`hest_zarr.workflows.hest.export_hest` with ``patches=True`` cuts them from a store).
 
 The pixel size comes from the metadata's ``pixel_size_um_estimated``, never from the TIFF's resolution
 tags, which the HEST release wrote 10x off (px/cm read as px/mm).
@@ -36,8 +36,10 @@ from spatialdata import SpatialData
 from spatialdata.models import PointsModel, ShapesModel
 
 from hest_zarr.elements import (
+    CoordinateSystems,
     Elements,
     Keys,
+    affine_xy,
     build_sample,
     circle_spots,
     expression_table,
@@ -289,8 +291,6 @@ def write_xenium_seg(
     {'xenium_cell_seg': PosixPath('hest_data/xenium_seg/NCBI784_xenium_cell_seg.parquet'), ...}
 
     """
-    from spatialdata.transformations import get_transformation
-
     written = {}
     for name, (parquet, _) in xenium_seg_paths(root, sample_id).items():
         if name not in sdata.shapes or "source" not in sdata.shapes[name].columns:
@@ -298,7 +298,7 @@ def write_xenium_seg(
         polygons = sdata.shapes[name]
         if not (polygons["source"].astype(str) == XENIUM_SEG_SOURCE).all():
             continue
-        to_image = global_to_image @ get_transformation(polygons, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        to_image = global_to_image @ affine_xy(polygons, CoordinateSystems.GLOBAL)
         geometry = polygons.geometry
         if not np.array_equal(to_image, np.eye(3)):
             geometry = geometry.affine_transform([*to_image[0, :2], *to_image[1, :2], to_image[0, 2], to_image[1, 2]])
@@ -532,8 +532,6 @@ def export_hest(
     PosixPath('hest_data/st/TENX95.h5ad')
 
     """
-    from spatialdata.transformations import get_transformation
-
     record = get_record(sdata)
     sample_id = sample_id or record.metadata.id
     paths = hest_paths(root, sample_id)
@@ -544,7 +542,7 @@ def export_hest(
     image_pixel_size = record.pixel_size_um
     if Elements.HE in sdata.images:
         he = sdata[Elements.HE]
-        he_to_global = get_transformation(he, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        he_to_global = affine_xy(he, CoordinateSystems.GLOBAL)
         to_image = np.linalg.inv(he_to_global)
         image_pixel_size = record.pixel_size_um * float(np.sqrt(abs(np.linalg.det(he_to_global[:2, :2]))))
         levels = image_levels(he)
@@ -555,8 +553,7 @@ def export_hest(
     table = sdata[Elements.SPOT_EXPRESSION]
     spots = sdata[Elements.SPOTS].loc[table.obs[Keys.SPOT_ID]]
     centroids = np.column_stack([spots.geometry.centroid.x, spots.geometry.centroid.y, np.ones(len(spots))])
-    spots_to_global = get_transformation(sdata[Elements.SPOTS], "global").to_affine_matrix(("x", "y"), ("x", "y"))
-    in_image = (to_image @ spots_to_global @ centroids.T).T
+    in_image = (to_image @ affine_xy(sdata[Elements.SPOTS], CoordinateSystems.GLOBAL) @ centroids.T).T
     obs = table.obs.drop(columns=[Keys.SPOT_ID, Keys.REGION]).copy()
     obs["pxl_col_in_fullres"] = in_image[:, 0]
     obs["pxl_row_in_fullres"] = in_image[:, 1]
@@ -576,7 +573,7 @@ def export_hest(
 
     if Elements.TISSUE in sdata.shapes:
         tissue = sdata[Elements.TISSUE]
-        tissue_to_image = to_image @ get_transformation(tissue, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        tissue_to_image = to_image @ affine_xy(tissue, CoordinateSystems.GLOBAL)
         matrix = [*tissue_to_image[0, :2], *tissue_to_image[1, :2], tissue_to_image[0, 2], tissue_to_image[1, 2]]
         contours = geopandas.GeoDataFrame(
             {"tissue_id": np.arange(len(tissue))}, geometry=tissue.geometry.affine_transform(matrix).to_numpy()

@@ -25,6 +25,13 @@ def export_hest_h5(
     """Write a patch store in HEST's ``patches/<id>.h5`` layout: ``img`` (N, H, W, 3), ``coords`` (N, 2), ``barcode``.
 
     ``barcode`` is ``(N, 1)`` bytes as HEST writes it; ``coords`` carry the patch size and level as attributes.
+    The file is written beside its target and renamed into place, so a failed export leaves no partial file.
+
+    Examples
+    --------
+    >>> export_hest_h5("TENX95_patches.zarr", "hest_data/patches/TENX95.h5")  # doctest: +SKIP
+    PosixPath('hest_data/patches/TENX95.h5')
+
     """
     store = patches if isinstance(patches, Patches) else open_patches(patches, storage_options)
     h5_path = Path(h5_path)
@@ -74,7 +81,15 @@ def _hest_h5(h5_path: Path) -> Iterator[tuple[Any, Any, np.ndarray]]:
 
 
 def read_hest_h5(h5_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``."""
+    """Read a HEST ``patches/<id>.h5``: ``(img (N, H, W, 3) uint8, coords (N, 2) int64, barcode (N,) str)``.
+
+    Examples
+    --------
+    >>> images, coords, barcodes = read_hest_h5("hest_data/patches/TENX95.h5")  # doctest: +SKIP
+    >>> images.shape  # doctest: +SKIP
+    (4992, 224, 224, 3)
+
+    """
     with _hest_h5(Path(h5_path)) as (images, coords, barcodes):
         return images[:], coords[:].astype(np.int64), barcodes
 

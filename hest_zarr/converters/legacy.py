@@ -2,7 +2,7 @@
 
 Expression: a CSV/TSV/TXT table (optionally gzipped; delimiter sniffed from the first line; genes x spots or
 spots x genes, decided by which axis carries the coordinate table's spot ids), a 10x MEX directory or h5 file
-(read by :func:`hest_zarr.converters.visium.read_counts`), or an AnnData ``.h5ad``/``.h5`` (raw counts in ``X`` or
+(read by :func:`hest_zarr.converters._tenx.read_counts`), or an AnnData ``.h5ad``/``.h5`` (raw counts in ``X`` or
 ``layers['counts']``). Coordinates: a CSV/TSV/TXT table with spot ids and x/y, either image pixels
 (``pxl_col_in_fullres``, ``imagecol``, ``pixel_x``...) or array positions (``array_col``, ``col``...); columns
 named only ``x``/``y``/``sdimx``/``sdimy`` are array positions when they are small integers (<= 256) and pixels
@@ -21,8 +21,7 @@ orientation and coordinate kind must be detected, and they give no file-naming e
 
 from __future__ import annotations
 
-import gzip
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,24 +32,13 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel
 
-from hest_zarr.converters.visium import (
-    POSITION_COLUMNS,
-    VISIUM_SPOT_DIAMETER_UM,
-    _check_image_covers_spots,
-    _read_image,
-    read_anndata_counts,
-    read_counts,
-)
-from hest_zarr.elements import (
-    Elements,
-    Keys,
-    build_sample,
-    circle_spots,
-    expression_table,
-    frame_transformations,
-)
+from hest_zarr.converters._images import he_image
+from hest_zarr.converters._spaceranger import POSITION_COLUMNS
+from hest_zarr.converters._tables import compact_integers, infer_species, read_delimited_table
+from hest_zarr.converters._tenx import read_anndata_counts, read_counts
+from hest_zarr.converters.visium import VISIUM_SPOT_DIAMETER_UM
+from hest_zarr.elements import Elements, Keys, circle_spots, expression_table, spot_sample
 from hest_zarr.elements.lattice import VISIUM_INTER_SPOT_DISTANCE_UM, fit_lattice, visium_lattice_um
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
@@ -73,52 +61,10 @@ SQUARE_LATTICES: dict[str, tuple[float, float]] = {"Spatial Transcriptomics": (1
 #: Technologies whose array positions can be placed in micrometres (Visium: ``_lattice.visium_lattice_um``).
 ARRAY_LATTICES: tuple[str, ...] = ("Visium", *SQUARE_LATTICES)
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
-MIN_SPECIES_GENES = 20
 NEIGHBOUR_TOLERANCE = 0.15
-SPECIES_AGREEMENT = 0.9
 
 
-# --------------------------------------------------------------------------------------------- shared tools
-def read_delimited_table(
-    path: str | Path, *, index_col: int | None = 0, header: Literal["infer"] | None = "infer"
-) -> pd.DataFrame:
-    """Read a CSV/TSV/TXT table (optionally ``.gz``), sniffing the delimiter from its first line.
-
-    Tab, comma and semicolon are tried in that order, else runs of whitespace. A header one field shorter than the
-    rows (R's ``write.table``) makes the first column the index, as pandas does.
-
-    Parameters
-    ----------
-    path
-        The table.
-    index_col
-        Column to use as the index (``None``: a default range index).
-    header
-        ``None`` for a table without a header row.
-
-    Raises
-    ------
-    InputError
-        Missing, empty or unparseable file.
-
-    Examples
-    --------
-    >>> counts = read_delimited_table("MOB1.tsv")  # doctest: +SKIP
-
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as handle:
-            first_line = handle.readline()
-        separator = next((s for s in ("\t", ",", ";") if s in first_line), r"\s+")
-        return pd.read_csv(path, sep=separator, index_col=index_col, header=header)
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"{path}: not a readable delimited text table ({type(err).__name__}: {err})") from err
-
-
+# --------------------------------------------------------------------------------------------- pixel size
 def nearest_neighbour_pixel_size(pixels: np.ndarray, spacing_um: float, source: str) -> tuple[float, dict[str, Any]]:
     """Estimate the pixel size from the nearest-neighbour spacing of spots on a regular lattice.
 
@@ -154,38 +100,6 @@ def nearest_neighbour_pixel_size(pixels: np.ndarray, spacing_um: float, source: 
         "neighbour_distances_used": int(at_spacing.sum()),
         "spots_at_spacing_fraction": on_lattice,
     }
-
-
-def infer_species(gene_names: Iterable[Any]) -> tuple[str, str] | None:
-    """Infer the species from gene identifiers, only where it is unambiguous; return it with the reason.
-
-    Mouse: >= 90 % mouse Ensembl ids (``ENSMUSG``) or capitalised symbols (``Gapdh``). Human: >= 90 % human Ensembl
-    ids (``ENSG``) or upper-case symbols (``GAPDH``). At least 20 genes are needed; otherwise ``None``.
-
-    Examples
-    --------
-    >>> infer_species(["Gapdh", "Actb", "Mbp"] * 10)[0]
-    'Mus musculus'
-
-    """
-    names = [str(name) for name in gene_names]
-    if len(names) < MIN_SPECIES_GENES:
-        return None
-    votes = {
-        ("Mus musculus", "mouse Ensembl ids (ENSMUSG)"): sum(n.startswith("ENSMUSG") for n in names),
-        ("Homo sapiens", "human Ensembl ids (ENSG)"): sum(n.startswith("ENSG") for n in names),
-    }
-    symbols = [n for n in names if n[:1].isalpha() and sum(c.isalpha() for c in n) >= 2]
-    if len(symbols) >= MIN_SPECIES_GENES:
-        votes[("Mus musculus", "capitalised symbols as in mouse (e.g. Gapdh)")] = sum(
-            n[0].isupper() and n[1:] == n[1:].lower() and any(c.islower() for c in n) for n in symbols
-        )
-        votes[("Homo sapiens", "upper-case symbols as in human (e.g. GAPDH)")] = sum(n == n.upper() for n in symbols)
-    for (species, kind), count in votes.items():
-        total = len(symbols) if "symbols" in kind else len(names)
-        if count >= SPECIES_AGREEMENT * total:
-            return species, f"inferred from gene names: {count} of {total} are {kind}"
-    return None
 
 
 # --------------------------------------------------------------------------------------------- expression
@@ -407,8 +321,8 @@ def _match(spot_ids: pd.Index, coordinates: _Coordinates, expression: Path, sour
 def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um: float, source: str) -> np.ndarray:
     """Place array positions ``(column, row)`` on the technology's lattice, in micrometres.
 
-    Visium spots go where the Visium converter puts them (:func:`hest_zarr.elements.lattice.visium_lattice_um`: rows 87 um
-    apart on 6.5 mm capture areas, 86.5 um on 11 mm ones), scaled by ``inter_spot_dist_um / 100``.
+    Visium spots go where the Visium converter puts them (:func:`hest_zarr.elements.lattice.visium_lattice_um`:
+    rows 87 um apart on 6.5 mm capture areas, 86.5 um on 11 mm ones), scaled by ``inter_spot_dist_um / 100``.
 
     Raises
     ------
@@ -433,19 +347,96 @@ def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um
     return array_xy * np.asarray(SQUARE_LATTICES[technology]) * inter_spot_dist_um
 
 
-def compact_integers(values: np.ndarray) -> np.ndarray:
-    """Return integer-valued numbers as int32 (array positions, flags); anything else unchanged.
+# --------------------------------------------------------------------------------------------- converter
+@dataclass(frozen=True)
+class _Placement:
+    """Where the spots sit: centres in ``global``, its pixel size, how it was found and its provenance parameters."""
 
-    Examples
-    --------
-    >>> compact_integers(np.array([1.0, 2.0])).dtype.name, compact_integers(np.array([1.5])).dtype.name
-    ('int32', 'float64')
+    centres: np.ndarray
+    pixel_size: float
+    method: str
+    parameters: dict[str, Any]
+    error_um: float | None = None
 
+
+def _read_inputs(
+    expression_path: Path, coordinates: str | Path | None, kind: CoordinateKind, flip_y: bool | None
+) -> tuple[AnnData | pd.DataFrame, _Coordinates, str, list[str]]:
+    """Read the expression and the coordinates (the table given, else the AnnData's own).
+
+    Returns the expression as read, the coordinates, the file that gave them and the coordinate inputs to record.
     """
-    values = np.asarray(values)
-    if pd.api.types.is_numeric_dtype(values) and np.array_equal(values, np.round(values)):
-        return values.astype(np.int32)
-    return values
+    loaded = _read_expression(expression_path)
+    if coordinates is not None:
+        coordinates_path = Path(coordinates)
+        frame = _read_coordinate_frame(coordinates_path)
+        coords = _coordinates_from_frame(frame, str(coordinates_path), kind, flip_y)
+        return loaded, coords, str(coordinates_path), [str(coordinates_path)]
+    if isinstance(loaded, AnnData):
+        coords = _coordinates_from_anndata(loaded, str(expression_path), kind, flip_y)
+        return loaded, coords, str(expression_path), []
+    raise InputError(f"{expression_path}: a text table holds no coordinates; pass a coordinate table")
+
+
+def _keep_spots(
+    adata: AnnData, rows: np.ndarray, spots: Collection[str] | None, expression_path: Path
+) -> tuple[AnnData, np.ndarray]:
+    """Keep only the ``spots`` asked for (all when ``None``), with their coordinate rows."""
+    if spots is None:
+        return adata, rows
+    wanted = pd.Index([str(s) for s in spots])
+    absent = wanted.difference(adata.obs_names)
+    if len(absent):
+        raise InputError(f"{expression_path}: {len(absent)} requested spot(s) absent (e.g. {absent[0]!r})")
+    keep = adata.obs_names.get_indexer(wanted)
+    return adata[keep], rows[keep]
+
+
+def _place_spots(
+    coords: _Coordinates,
+    rows: np.ndarray,
+    *,
+    image: str | Path | None,
+    technology: str,
+    inter_spot_dist_um: float,
+    pixel_size_um: float | None,
+    source: str,
+) -> _Placement:
+    """Place the spots: array positions on the technology's lattice in micrometres, else at their pixels.
+
+    The pixel size of pixel coordinates is the caller's, else the affine fit of array to pixel positions when the
+    table holds both, else the median nearest-neighbour spacing.
+    """
+    if coords.kind == "array":
+        if image is not None:
+            raise InputError(
+                f"{source}: holds array coordinates, which cannot be placed on {Path(image).name}; "
+                "give a table with pixel coordinates"
+            )
+        return _Placement(
+            centres=array_positions_um(coords.xy[rows], technology, inter_spot_dist_um, source),
+            pixel_size=1.0,
+            method=f"array positions on the {technology} lattice; no image: global = micrometres",
+            parameters={"global_units": "um"},
+        )
+    centres = coords.xy[rows]
+    parameters: dict[str, Any] = {}
+    error_um: float | None = None
+    if pixel_size_um is not None:
+        pixel_size, method = float(pixel_size_um), "pixel coordinates; pixel size given by the caller"
+    elif coords.array_xy is not None and technology in ARRAY_LATTICES:
+        fit = fit_lattice(
+            array_positions_um(coords.array_xy, technology, inter_spot_dist_um, source), coords.xy, source
+        )
+        pixel_size, method = fit.pixel_size_um, "pixel coordinates; pixel size from the affine fit array -> pixel"
+        parameters.update(fit.parameters())
+        error_um = fit.rms_px * fit.pixel_size_um
+    else:
+        pixel_size, details = nearest_neighbour_pixel_size(centres, inter_spot_dist_um, source)
+        method = "pixel coordinates; pixel size from the median nearest-neighbour spacing"
+        parameters.update(details)
+    parameters["global_units"] = "image pixels" if image is not None else "pixels of the coordinate table"
+    return _Placement(centres=centres, pixel_size=pixel_size, method=method, parameters=parameters, error_um=error_um)
 
 
 def read_legacy(
@@ -505,34 +496,24 @@ def read_legacy(
 
     """
     expression_path = Path(expression)
-    loaded = _read_expression(expression_path)
-    if coordinates is not None:
-        coordinates_path = Path(coordinates)
-        coords = _coordinates_from_frame(
-            _read_coordinate_frame(coordinates_path), str(coordinates_path), coordinate_kind, flip_y
-        )
-        coordinate_inputs = [str(coordinates_path)]
-    elif isinstance(loaded, AnnData):
-        coordinates_path = expression_path
-        coords = _coordinates_from_anndata(loaded, str(expression_path), coordinate_kind, flip_y)
-        coordinate_inputs = []
-    else:
-        raise InputError(f"{expression_path}: a text table holds no coordinates; pass a coordinate table")
-    source = str(coordinates_path)
+    loaded, coords, source, coordinate_inputs = _read_inputs(expression_path, coordinates, coordinate_kind, flip_y)
     orientation = "spots x genes"
     adata = loaded
     if isinstance(loaded, pd.DataFrame):
         adata, orientation = _orient(loaded, coords, expression_path, source)
     rows = _match(adata.obs_names, coords, expression_path, source)
-    if spots is not None:
-        wanted = pd.Index([str(s) for s in spots])
-        absent = wanted.difference(adata.obs_names)
-        if len(absent):
-            raise InputError(f"{expression_path}: {len(absent)} requested spot(s) absent (e.g. {absent[0]!r})")
-        keep = adata.obs_names.get_indexer(wanted)
-        adata, rows = adata[keep], rows[keep]
+    adata, rows = _keep_spots(adata, rows, spots, expression_path)
     spot_ids = adata.obs_names.astype(str)
-
+    placement = _place_spots(
+        coords,
+        rows,
+        image=image,
+        technology=technology,
+        inter_spot_dist_um=inter_spot_dist_um,
+        pixel_size_um=pixel_size_um,
+        source=source,
+    )
+    pixel_size = placement.pixel_size
     spot_parameters: dict[str, Any] = {
         "coordinate_kind": coords.kind,
         "coordinate_columns": list(coords.columns),
@@ -541,36 +522,10 @@ def read_legacy(
         "y_negated": coords.flipped_y,
         "spot_diameter_um": spot_diameter_um,
         "inter_spot_dist_um": inter_spot_dist_um,
+        **placement.parameters,
     }
-    error_um: float | None = None
-    if coords.kind == "array":
-        if image is not None:
-            raise InputError(
-                f"{source}: holds array coordinates, which cannot be placed on {Path(image).name}; "
-                "give a table with pixel coordinates"
-            )
-        centres = array_positions_um(coords.xy[rows], technology, inter_spot_dist_um, source)
-        pixel_size, method = 1.0, f"array positions on the {technology} lattice; no image: global = micrometres"
-        spot_parameters["global_units"] = "um"
-    else:
-        centres = coords.xy[rows]
-        if pixel_size_um is not None:
-            pixel_size, method = float(pixel_size_um), "pixel coordinates; pixel size given by the caller"
-        elif coords.array_xy is not None and technology in ARRAY_LATTICES:
-            fit = fit_lattice(
-                array_positions_um(coords.array_xy, technology, inter_spot_dist_um, source), coords.xy, source
-            )
-            pixel_size, method = fit.pixel_size_um, "pixel coordinates; pixel size from the affine fit array -> pixel"
-            spot_parameters.update(fit.parameters())
-            error_um = fit.rms_px * fit.pixel_size_um
-        else:
-            pixel_size, details = nearest_neighbour_pixel_size(centres, inter_spot_dist_um, source)
-            method = "pixel coordinates; pixel size from the median nearest-neighbour spacing"
-            spot_parameters.update(details)
-        spot_parameters["global_units"] = "image pixels" if image is not None else "pixels of the coordinate table"
-
     obs_columns = {key: compact_integers(values[rows]) for key, values in coords.obs.items()}
-    spot_shapes = circle_spots(centres, spot_diameter_um / 2 / pixel_size, spot_ids, pixel_size)
+    spot_shapes = circle_spots(placement.centres, spot_diameter_um / 2 / pixel_size, spot_ids, pixel_size)
     table = expression_table(adata.X, spot_ids, adata.var, obs_columns=obs_columns, source=str(expression_path))
     spot_inputs = [str(expression_path), *coordinate_inputs]
     inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}
@@ -578,15 +533,8 @@ def read_legacy(
     images: dict[str, Any] = {}
     if image is not None:
         image_path = Path(image)
-        if not image_path.is_file():
-            raise InputError(f"{image_path}: no such image file")
-        pixels = _read_image(image_path)
-        _check_image_covers_spots(image_path, pixels.shape[1:], centres)
-        images[Elements.HE] = Image2DModel.parse(
-            pixels, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=frame_transformations(pixel_size)
-        )
+        images[Elements.HE], measured = he_image(image_path, 1.0, pixel_size, placement.centres)
         inputs[Elements.HE] = [str(image_path)]
-        measured.update(fullres_px_height=pixels.shape[1], fullres_px_width=pixels.shape[2])
 
     table_parameters: dict[str, Any] = {"expression_orientation": orientation}
     species = infer_species(adata.var_names)
@@ -602,16 +550,16 @@ def read_legacy(
         nb_genes=int(adata.n_vars),
         pixel_size_um_estimated=pixel_size if coords.kind == "pixel" else None,
     )
-    return build_sample(
+    return spot_sample(
+        spot_shapes,
+        table,
+        method=placement.method,
+        estimated_error_um=placement.error_um,
         converter="legacy",
         metadata=measured,
         pixel_size_um=pixel_size,
         inputs=inputs,
         known_metadata=metadata,
         images=images,
-        shapes={Elements.SPOTS: spot_shapes},
-        tables={Elements.SPOT_EXPRESSION: table},
         parameters={Elements.SPOTS: spot_parameters, Elements.SPOT_EXPRESSION: table_parameters},
-        methods={Elements.SPOTS: method},
-        estimated_errors_um={Elements.SPOTS: error_um} if error_um is not None else None,
     )

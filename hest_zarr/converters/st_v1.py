@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel
 
-from hest_zarr.converters.legacy import compact_integers, infer_species, read_delimited_table
-from hest_zarr.converters.visium import _check_image_covers_spots, _read_image
-from hest_zarr.elements import Elements, Keys, build_sample, circle_spots, expression_table, frame_transformations
+from hest_zarr.converters._images import he_image
+from hest_zarr.converters._tables import compact_integers, infer_species, read_delimited_table
+from hest_zarr.elements import Elements, Keys, circle_spots, expression_table, spot_sample
 from hest_zarr.elements.lattice import ST_GRID_PITCH_UM, UM_PER_ARRAY_UNIT, fit_lattice
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
@@ -133,6 +133,70 @@ def _match_alignment(
     return rows, matched_on
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where the spots sit: centres in ``global``, its pixel size, how, and what it adds to the spots' table."""
+
+    centres: np.ndarray
+    pixel_size: float
+    method: str
+    parameters: dict[str, Any]
+    obs_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    error_um: float | None = None
+
+
+def _grid_placement(spot_xy: np.ndarray, design: str, um_per_unit: float) -> _Placement:
+    """Place the spots on the array grid, in micrometres (no alignment table: ``global`` is micrometres)."""
+    return _Placement(
+        centres=spot_xy * um_per_unit,
+        pixel_size=1.0,
+        method=f"array ids on the ST {design} grid ({um_per_unit:g} um per array unit); no image: global = micrometres",
+        parameters={"global_units": "um"},
+    )
+
+
+def _aligned_placement(spot_xy: np.ndarray, alignment_path: Path, counts_name: str, um_per_unit: float) -> _Placement:
+    """Place the spots by the spot detector's alignment table: matched rows exactly, the others by the affine fit."""
+    table = _read_alignment(alignment_path)
+    rows, matched_on = _match_alignment(spot_xy, table, alignment_path, counts_name)
+    measured_columns = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(table.columns) else ["x", "y"]
+    fit = fit_lattice(
+        table[measured_columns].to_numpy(dtype=np.float64) * um_per_unit,
+        table[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64),
+        str(alignment_path),
+    )
+    matched = rows >= 0
+    aligned_pixels = table[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+    centres = fit.to_pixels(spot_xy * um_per_unit)
+    centres[matched] = aligned_pixels[rows[matched]]
+    # how far the fit from ideal grid ids lands from the detected spots: the error of the spots placed by it
+    grid_error_px = np.hypot(*(fit.to_pixels(table[["x", "y"]].to_numpy(float) * um_per_unit) - aligned_pixels).T)
+    obs_columns: dict[str, np.ndarray] = {}
+    if "selected" in table.columns:
+        selected = table["selected"].to_numpy(dtype=np.int32)
+        obs_columns[Keys.IN_TISSUE] = np.where(matched, selected[np.maximum(rows, 0)], 0).astype(np.int32)
+    obs_columns["position_fitted"] = ~matched
+    return _Placement(
+        centres=centres,
+        pixel_size=fit.pixel_size_um,
+        method=(
+            "spot detector alignment: pixel_x, pixel_y of the matched row; pixel size and unmatched spots from the "
+            f"least-squares affine fit of {', '.join(measured_columns)} (x {um_per_unit:g} um) to pixel_x, pixel_y"
+        ),
+        parameters={
+            **fit.parameters(),
+            "matched_on": matched_on,
+            "spots_matched": int(matched.sum()),
+            "spots_fitted": int((~matched).sum()),
+            "fitted_spot_error_rms_px": float(np.sqrt(np.mean(grid_error_px**2))),
+            "fit_columns": measured_columns,
+            "global_units": "image pixels",
+        },
+        obs_columns=obs_columns,
+        error_um=fit.rms_px * fit.pixel_size_um,
+    )
+
+
 def read_st_v1(
     counts: str | Path,
     *,
@@ -181,80 +245,35 @@ def read_st_v1(
     design = detect_array_design(spot_xy) if array_design == "auto" else array_design
     um_per_unit = UM_PER_ARRAY_UNIT[design]
     spot_ids = frame.index.to_numpy(dtype=str)
+    inputs = [str(counts_path)]
+    images: dict[str, Any] = {}
+    measured: dict[str, Any] = {}
+    if alignment is None:
+        if image is not None:
+            raise InputError(
+                f"{image}: an image needs the spot detector's alignment table to place the spots on it (pass alignment)"
+            )
+        placement = _grid_placement(spot_xy, design, um_per_unit)
+    else:
+        alignment_path = Path(alignment)
+        placement = _aligned_placement(spot_xy, alignment_path, counts_path.name, um_per_unit)
+        inputs.append(str(alignment_path))
+        if image is not None:
+            images[Elements.HE], measured = he_image(Path(image), 1.0, placement.pixel_size, placement.centres)
     obs_columns: dict[str, Any] = {
         Keys.ARRAY_COL: compact_integers(spot_xy[:, 0]),
         Keys.ARRAY_ROW: compact_integers(spot_xy[:, 1]),
+        **placement.obs_columns,
     }
     spot_parameters: dict[str, Any] = {
         "array_design": design,
         "array_design_detected": array_design == "auto",
         "um_per_array_unit": um_per_unit,
         "spot_diameter_um": ST_SPOT_DIAMETER_UM,
+        **placement.parameters,
     }
-    inputs = [str(counts_path)]
-    images: dict[str, Any] = {}
-    measured: dict[str, Any] = {}
-    error_um: float | None = None
-    if alignment is None:
-        if image is not None:
-            raise InputError(
-                f"{image}: an image needs the spot detector's alignment table to place the spots on it (pass alignment)"
-            )
-        centres, pixel_size = spot_xy * um_per_unit, 1.0
-        method = (
-            f"array ids on the ST {design} grid ({um_per_unit:g} um per array unit); no image: global = micrometres"
-        )
-        spot_parameters["global_units"] = "um"
-    else:
-        alignment_path = Path(alignment)
-        table = _read_alignment(alignment_path)
-        rows, matched_on = _match_alignment(spot_xy, table, alignment_path, counts_path.name)
-        measured_columns = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(table.columns) else ["x", "y"]
-        fit = fit_lattice(
-            table[measured_columns].to_numpy(dtype=np.float64) * um_per_unit,
-            table[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64),
-            str(alignment_path),
-        )
-        matched = rows >= 0
-        aligned_pixels = table[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-        centres = fit.to_pixels(spot_xy * um_per_unit)
-        centres[matched] = aligned_pixels[rows[matched]]
-        # how far the fit from ideal grid ids lands from the detected spots: the error of the spots placed by it
-        grid_error_px = np.hypot(*(fit.to_pixels(table[["x", "y"]].to_numpy(float) * um_per_unit) - aligned_pixels).T)
-        pixel_size, error_um = fit.pixel_size_um, fit.rms_px * fit.pixel_size_um
-        if "selected" in table.columns:
-            selected = table["selected"].to_numpy(dtype=np.int32)
-            obs_columns[Keys.IN_TISSUE] = np.where(matched, selected[np.maximum(rows, 0)], 0).astype(np.int32)
-        obs_columns["position_fitted"] = ~matched
-        inputs.append(str(alignment_path))
-        method = (
-            "spot detector alignment: pixel_x, pixel_y of the matched row; pixel size and unmatched spots from the "
-            f"least-squares affine fit of {', '.join(measured_columns)} (x {um_per_unit:g} um) to pixel_x, pixel_y"
-        )
-        spot_parameters.update(
-            fit.parameters(),
-            matched_on=matched_on,
-            spots_matched=int(matched.sum()),
-            spots_fitted=int((~matched).sum()),
-            fitted_spot_error_rms_px=float(np.sqrt(np.mean(grid_error_px**2))),
-            fit_columns=measured_columns,
-            global_units="image pixels",
-        )
-        if image is not None:
-            image_path = Path(image)
-            if not image_path.is_file():
-                raise InputError(f"{image_path}: no such image file")
-            pixels = _read_image(image_path)
-            _check_image_covers_spots(image_path, pixels.shape[1:], centres)
-            images[Elements.HE] = Image2DModel.parse(
-                pixels,
-                dims=("c", "y", "x"),
-                c_coords=["r", "g", "b"],
-                transformations=frame_transformations(pixel_size),
-            )
-            measured.update(fullres_px_height=pixels.shape[1], fullres_px_width=pixels.shape[2])
-
-    spots = circle_spots(centres, ST_SPOT_DIAMETER_UM / 2 / pixel_size, spot_ids, pixel_size)
+    pixel_size = placement.pixel_size
+    spots = circle_spots(placement.centres, ST_SPOT_DIAMETER_UM / 2 / pixel_size, spot_ids, pixel_size)
     table_parameters: dict[str, Any] = {"counts_orientation": orientation}
     species = infer_species(frame.columns)
     if species is not None:
@@ -279,16 +298,16 @@ def read_st_v1(
         nb_genes=int(frame.shape[1]),
         pixel_size_um_estimated=pixel_size if alignment is not None else None,
     )
-    return build_sample(
+    return spot_sample(
+        spots,
+        expression,
+        method=placement.method,
+        estimated_error_um=placement.error_um,
         converter="st_v1",
         metadata=measured,
         pixel_size_um=pixel_size,
         inputs=element_inputs,
         known_metadata=metadata,
         images=images,
-        shapes={Elements.SPOTS: spots},
-        tables={Elements.SPOT_EXPRESSION: expression},
         parameters={Elements.SPOTS: spot_parameters, Elements.SPOT_EXPRESSION: table_parameters},
-        methods={Elements.SPOTS: method},
-        estimated_errors_um={Elements.SPOTS: error_um} if error_um is not None else None,
     )

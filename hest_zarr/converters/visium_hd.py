@@ -13,7 +13,8 @@ full-resolution pixels.
 
 Why not ``spatialdata_io.visium_hd``: it names elements and coordinate systems after the dataset, needs the
 ``feature_slice.h5`` and microscope metadata of a full Space Ranger run, and asserts instead of naming the file at
-fault; counts, positions and images are read here with the same readers as Visium (:mod:`.visium`).
+fault; counts, positions and images are read here with the same readers as Visium (:mod:`._tenx`,
+:mod:`._spaceranger`, :mod:`._images`).
 """
 
 from __future__ import annotations
@@ -30,17 +31,15 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata_io._constants._constants import VisiumHDKeys
 
-from hest_zarr.converters.visium import (
-    COUNTS_CANDIDATES,
-    he_image,
+from hest_zarr.converters._images import he_image
+from hest_zarr.converters._spaceranger import (
     pick_spatial_image,
     positions_for_barcodes,
-    read_counts,
     read_positions,
     read_scalefactors,
-    species_from_genome,
     spot_expression,
 )
+from hest_zarr.converters._tenx import COUNTS, read_counts, species_from_genome
 from hest_zarr.elements import Elements, Keys, build_sample, square_spots
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
@@ -131,9 +130,7 @@ def read_bin(root: Path, size_um: int, folder: Path) -> HDBin:
     (10, 10)
 
     """
-    counts_path = next((folder / name for name in COUNTS_CANDIDATES if (folder / name).exists()), None)
-    if counts_path is None:
-        raise InputError(f"{folder}: no count matrix found (expected one of {', '.join(COUNTS_CANDIDATES)})")
+    counts_path = COUNTS.require(folder)
     positions_path = _spatial_file(root, folder, POSITIONS_FILE)
     factors_path = _spatial_file(root, folder, SCALEFACTORS_FILE)
     factors = read_scalefactors(factors_path)
@@ -248,8 +245,6 @@ def read_visium_hd(
     picked = (Path(image), 1.0) if image is not None else _spatial_image(root, bins)
     if picked is not None:
         image_path, scale = picked
-        if not image_path.is_file():
-            raise InputError(f"{image_path}: no such image file")
         all_centres = np.concatenate(
             [b.positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64) for b in bins]
         )

@@ -103,10 +103,9 @@ def test_import_released_layout(mob1_hest) -> None:
 
 def test_store_exports_to_hest_and_imports_back(perik_visium: Path, tmp_path: Path) -> None:
     url = hest_zarr.write(read_visium(perik_visium, sample_id="PERIK"), tmp_path / "perik.zarr")
-    written = export_hest(url, tmp_path / "hest", jpeg_quality=None)
-    assert sorted(written) == ["metadata", "st", "wsi"]
-
     original = hest_zarr.open(url)
+    written = export_hest(original, tmp_path / "hest", jpeg_quality=None)
+    assert sorted(written) == ["metadata", "st", "wsi"]
     exported_pixel_size = json.loads(written["metadata"].read_text())["pixel_size_um_estimated"]
     assert exported_pixel_size == pytest.approx(hest_zarr.get_record(original).pixel_size_um / 0.2)  # lowres
     assert slide_image(written["wsi"]).pixel_size_um == pytest.approx(exported_pixel_size, rel=1e-6)
@@ -125,22 +124,18 @@ def test_store_exports_to_hest_and_imports_back(perik_visium: Path, tmp_path: Pa
         assert tif.pages[0].tags["ResolutionUnit"].value == 3  # centimetre, as the tag values are px/cm
 
 
-def test_patches_export_to_hest_h5_and_import_as_a_patch_store(perik_visium: Path, tmp_path: Path) -> None:
-    from hest_zarr.ops.patch import extract_patches, import_hest_h5, open_patches, read_hest_h5
-
-    url = hest_zarr.write(read_visium(perik_visium, sample_id="PERIK"), tmp_path / "perik.zarr")
-    lowres_um = hest_zarr.get_record(hest_zarr.open(url)).pixel_size_um / 0.2
-    written = export_hest(url, tmp_path / "hest", patches=True, patch_size_px=12, patch_pixel_size_um=lowres_um)
-    assert written["patches"] == tmp_path / "hest" / "patches" / "PERIK.h5"
-    images, coords, barcodes = read_hest_h5(written["patches"])
-    assert images.shape == (2898, 12, 12, 3) and len(set(barcodes)) == 2898
-    _, batches = extract_patches(url, size_px=12, pixel_size_um=lowres_um)
-    direct = {spot: pixels for batch in batches for spot, pixels in zip(batch.ids, batch.images, strict=True)}
-    for spot, pixels in zip(barcodes, images, strict=True):
-        np.testing.assert_array_equal(pixels, direct[spot])
-    imported = open_patches(import_hest_h5(written["patches"], tmp_path / "PERIK_patches.zarr"))
-    assert list(imported.barcode) == list(barcodes)
-    np.testing.assert_array_equal(imported.coords, coords)
+def test_an_in_memory_sample_exports_as_its_store_does(perik_visium: Path, tmp_path: Path) -> None:
+    """The converter's output, never written, exports the same files as the store written from it."""
+    sdata = read_visium(perik_visium, sample_id="PERIK")
+    url = hest_zarr.write(sdata, tmp_path / "perik.zarr")
+    from_memory = export_hest(sdata, tmp_path / "memory", jpeg_quality=None)
+    from_store = export_hest(hest_zarr.open(url), tmp_path / "store", jpeg_quality=None)
+    assert sorted(from_memory) == sorted(from_store) == ["metadata", "st", "wsi"]
+    memory_st, store_st = anndata.read_h5ad(from_memory["st"]), anndata.read_h5ad(from_store["st"])
+    pd.testing.assert_frame_equal(memory_st.obs, store_st.obs)
+    assert (memory_st.X != store_st.X).nnz == 0 and memory_st.shape == (2898, store_st.shape[1])
+    assert json.loads(from_memory["metadata"].read_text()) == json.loads(from_store["metadata"].read_text())
+    np.testing.assert_array_equal(tifffile.imread(from_memory["wsi"]), tifffile.imread(from_store["wsi"]))
 
 
 def test_bad_hest_folders(mob1_hest, tmp_path: Path) -> None:
@@ -252,7 +247,7 @@ def test_xenium_seg_is_imported_in_he_pixels(sfe_hest: Path) -> None:
 def test_xenium_seg_round_trips_exactly(sfe_hest: Path, tmp_path: Path) -> None:
     url = hest_zarr.write(read_hest(sfe_hest, "SFEX"), tmp_path / "sfex.zarr")
     assert hest_zarr.validate(url) == []
-    written = export_hest(url, tmp_path / "exported")
+    written = export_hest(hest_zarr.open(url), tmp_path / "exported")
     assert sorted(written) == ["metadata", "st", "xenium_cell_seg", "xenium_nucleus_seg"]
     for kind in ("cell", "nucleus"):
         original = geopandas.read_parquet(sfe_hest / "xenium_seg" / f"SFEX_xenium_{kind}_seg.parquet")

@@ -21,8 +21,8 @@ from scipy.io import mmread
 
 import hest_zarr
 from hest_zarr.converters.legacy import read_legacy
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 

@@ -26,10 +26,9 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Scale, get_transformation
 
 import hest_zarr
-from hest_zarr.elements import build_sample, frame_transformations
 from hest_zarr.converters.nuclei import add_segmentation, read_segmentation, to_qupath_geojson
+from hest_zarr.elements import build_sample, frame_transformations, get_record
 from hest_zarr.errors import HestZarrError, InputError
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 TILES = {"TCGA-DE-A4MA": 59, "TCGA-S4-A8RO": 117}

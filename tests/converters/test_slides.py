@@ -15,8 +15,8 @@ from PIL import Image
 from spatialdata.transformations import get_transformation
 
 import hest_zarr
-from hest_zarr.elements import build_sample
 from hest_zarr.converters.slides import embedded_pixel_size_um, he_element, slide_image
+from hest_zarr.elements import build_sample
 from hest_zarr.errors import InputError
 from tests.conftest import shared
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 import hest_zarr
 from hest_zarr.converters.st_v1 import read_st_v1
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import SampleMetadata
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 #: Spots (rows) of each count table as counted in the files (MOB2.tsv holds 1,933 spots, not 1,934).

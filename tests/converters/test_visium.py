@@ -18,10 +18,10 @@ from spatialdata.transformations import get_transformation
 
 from hest_zarr.converters import read_visium
 from hest_zarr.converters.visium import LATTICE_COLUMNS, read_counts, spot_lattice_pixel_size
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
 from hest_zarr.ops.pixel_size import PixelSizeDisagreementWarning
 from hest_zarr.schemas import SampleMetadata
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 
@@ -68,7 +68,9 @@ def test_known_metadata_wins_over_measured(scanpy_visium: Path) -> None:
 def test_missing_counts_file(perik_visium: Path, tmp_path: Path) -> None:
     outs = outs_copy(perik_visium, tmp_path, skip=("filtered_feature_bc_matrix",))
     with pytest.raises(
-        InputError, match=r"outs: no count matrix found \(expected one of filtered_feature_bc_matrix.h5"
+        InputError,
+        match=r"outs: no count matrix found \(expected filtered_feature_bc_matrix.h5 or filtered_feature_bc_matrix or "
+        r"raw_feature_bc_matrix.h5 or raw_feature_bc_matrix, or a \*.h5ad\)",
     ):
         read_visium(outs)
 

@@ -16,8 +16,8 @@ from spatialdata.transformations import get_transformation
 
 import hest_zarr
 from hest_zarr.converters.visium_hd import read_visium_hd
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 BIN_002 = Path("binned_outputs/square_002um")
@@ -165,7 +165,10 @@ def test_spatial_folder_at_the_sample_root(visium_hd: Path, tmp_path: Path) -> N
 
 def test_missing_counts_file(visium_hd: Path, tmp_path: Path) -> None:
     root = hd_copy(visium_hd, tmp_path, skip=(str(BIN_002 / "filtered_feature_bc_matrix"),))
-    with pytest.raises(InputError, match=r"square_002um: no count matrix found \(expected one of filtered_feature"):
+    with pytest.raises(
+        InputError,
+        match=r"square_002um: no count matrix found \(expected filtered_feature_bc_matrix.h5 or filtered_feature",
+    ):
         read_visium_hd(root)
 
 

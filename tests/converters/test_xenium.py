@@ -36,8 +36,8 @@ from hest_zarr.converters.xenium import (
     read_transcripts,
     read_xenium,
 )
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
-from hest_zarr.store import get_record
 from tests.conftest import shared
 
 SFE_CELLS = 526

@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 
 from hest_zarr.errors import InputError
-from hest_zarr.ops.fiducials import CORNER_NAMES, CornerDetection
+from hest_zarr.ops.fiducials import CornerDetection
+from hest_zarr.ops.visium_layout import CORNER_NAMES
 
 if TYPE_CHECKING:
     from ultralytics import YOLO

@@ -15,6 +15,11 @@ How a patch is made (the documented resampling):
 
 ``coords`` are the patch's top-left corner in level-0 pixels of the image, as in HEST's patch files.
 
+The operator is pure: :func:`plan_patches` takes a SpatialData (in memory, or opened lazily by
+:func:`hest_zarr.open`), :func:`read_patches` a plan and a :class:`hest_zarr.store.ChunkReader` of the plan's
+level. Opening a store by URL, and the reader that the datasets and the benchmark share, are
+:class:`hest_zarr.stream.SamplePatches`; writing a patch store is :func:`hest_zarr.workflows.patch.write_patches`.
+
 How it is read: patches are sorted by the chunk row their window starts in; each band of patches needs
 a set of chunks that are fetched and decoded exactly once, concurrently (:class:`hest_zarr.store.ChunkReader`), while
 the previous band is being cut; a chunk is dropped as soon as no later band needs it, so memory stays at
@@ -123,7 +128,7 @@ def _element_centres(sdata: SpatialData, element: str) -> tuple[np.ndarray, np.n
         points = sdata.points[element]
         frame = points[["x", "y"]].compute()
         return np.asarray(frame.index.astype(str)), frame.to_numpy(dtype=float), points
-    raise InputError(f"no shapes or points element '{element}' in the store (it holds {sorted(sdata.shapes)})")
+    raise InputError(f"no shapes or points element '{element}' in the sample (it holds {sorted(sdata.shapes)})")
 
 
 def _grid_centres(sdata: SpatialData, image_shape: tuple[int, int], side_px: float, image_affine: np.ndarray):
@@ -167,7 +172,7 @@ def plan_patches(
     Parameters
     ----------
     sdata
-        An opened sample store (:func:`hest_zarr.open`).
+        A sample: in memory (e.g. a converter's output) or opened lazily (:func:`hest_zarr.open`).
     element
         Shapes or points element whose centres are the patch centres, or ``"grid"`` for non-overlapping
         patches tiling the ``tissue`` polygons (the whole image when the store has none).
@@ -184,8 +189,8 @@ def plan_patches(
     --------
     >>> sdata = hest_zarr.open("sample.zarr")  # doctest: +SKIP
     >>> plan = plan_patches(sdata, size_px=224, pixel_size_um=0.5)  # doctest: +SKIP
-    >>> plan.level, plan.window  # doctest: +SKIP
-    (0, 224)
+    >>> plan.level, plan.window, len(plan)  # doctest: +SKIP
+    (0, 224, 4992)
 
     """
     if size_px < 1 or pixel_size_um <= 0:
@@ -297,6 +302,13 @@ def plan_bands(plan: PatchPlan, level: LevelArray) -> list[np.ndarray]:
 
     Returns the patch indices of every band. Consecutive bands share one chunk row at most (a window
     spans two rows when it is smaller than a chunk), so bands are the unit of work to split between readers.
+
+    Examples
+    --------
+    >>> level = hest_zarr.store.open_levels("sample.zarr")[plan.level]  # doctest: +SKIP
+    >>> sum(len(band) for band in plan_bands(plan, level)) == len(plan)  # doctest: +SKIP
+    True
+
     """
     (chunk_height, _), (height, _) = level.chunk_side, level.shape
     start_rows = np.clip(plan.origins[:, 1], 0, height - 1) // chunk_height
@@ -343,7 +355,17 @@ def read_patches(
     """Cut the plan's patches band by band, each chunk fetched and decoded once; yields batches.
 
     Batches come in band order (top to bottom, left to right), not in the plan's order: use
-    ``batch.indices`` to place them.
+    ``batch.indices`` (positions in ``plan``) to place them. ``prefetch_bands`` (default: the reader's) is how
+    many bands of chunks are requested ahead of the one being cut.
+
+    Examples
+    --------
+    >>> plan = plan_patches(hest_zarr.open("sample.zarr"))  # doctest: +SKIP
+    >>> reader = ChunkReader(hest_zarr.store.open_levels("sample.zarr")[plan.level], workers=4)  # doctest: +SKIP
+    >>> images = np.empty((len(plan), plan.size_px, plan.size_px, 3), np.uint8)  # doctest: +SKIP
+    >>> for batch in read_patches(plan, reader):  # doctest: +SKIP
+    ...     images[batch.indices] = batch.images
+
     """
     level = reader.level
     chunk, shape, channels = level.chunk_side, level.shape, level.array.shape[0]

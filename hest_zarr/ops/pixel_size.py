@@ -6,13 +6,14 @@ areas, 86.5 um on 11 mm ones; ST v1 arrays, :data:`hest_zarr.elements.lattice.UM
 and the trimmed least-squares fit live in :mod:`hest_zarr.elements.lattice`, which the converters use too; their public
 names are re-exported here.
 
-:func:`estimate_pixel_size` runs the fit on a store and compares the estimate with the pixel size embedded in the
-image file and with the one the store uses (``pixel_size_um`` of its record; the Visium converter's is already this
-lattice fit, so the two agree on its stores). The estimate becomes ``pixel_size_um_estimated`` (the embedded value
-stays in ``pixel_size_um_embedded``); a relative disagreement above 5 % raises a
-:class:`PixelSizeDisagreementWarning` and is recorded, with the whole comparison, in the spots element's
-provenance (``parameters['pixel_size_check']``). The store keeps its ``pixel_size_um``: changing it would change
-every element's ``um`` transformation.
+:func:`check_pixel_size` runs the fit on a sample (a SpatialData object) and compares the estimate with the pixel
+size embedded in the image file and with the one the sample uses (``pixel_size_um`` of its record; the Visium
+converter's is already this lattice fit, so the two agree on its samples). The estimate becomes
+``pixel_size_um_estimated`` (the embedded value stays in ``pixel_size_um_embedded``); a relative disagreement above
+5 % raises a :class:`PixelSizeDisagreementWarning` and is recorded, with the whole comparison, in the spots element's
+provenance (``parameters['pixel_size_check']``). The sample keeps its ``pixel_size_um``: changing it would change
+every element's ``um`` transformation. :func:`hest_zarr.workflows.pixel_size.estimate_pixel_size` does it on a
+store and records the result there.
 
 Measured (``benchmarks/tissue_and_registration.py``): on the scanpy (Space Ranger 1.0) and SFE (2.x) samples the
 lattice agrees with 65 um / ``spot_diameter_fullres`` within 0.07 %; on the Space Ranger 3.0 CytAssist sample
@@ -24,17 +25,15 @@ layouts within 0.07 %.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from geopandas import GeoDataFrame
 from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
 
-from hest_zarr.elements import CoordinateSystems, Elements, Keys
+from hest_zarr.elements import Elements, ElementUpdate, Keys, affine_xy, get_record
 from hest_zarr.elements.lattice import (
     DISAGREEMENT_TOLERANCE,
     UM_PER_ARRAY_UNIT,
@@ -49,15 +48,13 @@ from hest_zarr.elements.lattice import (
 )
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import Provenance, annotated_region
-from hest_zarr.store import StorageOptions, add_elements, get_record
-from hest_zarr.store import open as open_store
 
 __all__ = [
     "DISAGREEMENT_TOLERANCE",
     "PixelSizeDisagreementWarning",
     "PixelSizeEstimate",
     "PixelSizeReport",
-    "estimate_pixel_size",
+    "check_pixel_size",
     "fit_pixel_size",
     "spot_centres_global",
     "square_lattice_um",
@@ -69,7 +66,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class PixelSizeReport:
-    """The estimate of a store's pixel size and its comparison with the reference values.
+    """The estimate of a sample's pixel size and its comparison with the reference values.
 
     Attributes
     ----------
@@ -82,6 +79,9 @@ class PixelSizeReport:
         ``global`` -> ``um`` scale), where known.
     tolerance
         Relative disagreement above which the report is flagged.
+    update
+        What recording the report changes (:func:`check_pixel_size`): ``pixel_size_um_estimated`` and the spots'
+        provenance, no element data.
 
     """
 
@@ -89,6 +89,7 @@ class PixelSizeReport:
     spots: str
     references: dict[str, float] = field(default_factory=dict)
     tolerance: float = DISAGREEMENT_TOLERANCE
+    update: ElementUpdate | None = None
 
     @property
     def differences(self) -> dict[str, float]:
@@ -114,7 +115,7 @@ class PixelSizeReport:
         }
 
 
-# --------------------------------------------------------------------------------------------- store
+# --------------------------------------------------------------------------------------------- sample
 def _default_spots(sdata: SpatialData) -> str:
     """``spots`` when present, else the spot set with the fewest spots (Visium HD: the coarsest bins)."""
     if Elements.SPOTS in sdata.shapes:
@@ -143,13 +144,11 @@ def spot_centres_global(spots: GeoDataFrame) -> np.ndarray:
     geometry = spots.geometry
     points = geometry if (geometry.geom_type == "Point").all() else geometry.centroid
     xy = np.c_[points.x.to_numpy(), points.y.to_numpy()]
-    matrix = get_transformation(spots, CoordinateSystems.GLOBAL).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
+    matrix = affine_xy(spots)
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def _store_lattice(sdata: SpatialData, spots: str) -> tuple[np.ndarray, np.ndarray, float, str]:
+def _sample_lattice(sdata: SpatialData, spots: str) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Spot centres (global px), their lattice positions (um), the lattice pitch (um) and the lattice's name."""
     record = get_record(sdata)
     obs = _spot_table(sdata, spots)
@@ -182,34 +181,34 @@ def _store_lattice(sdata: SpatialData, spots: str) -> tuple[np.ndarray, np.ndarr
     return spot_centres_global(element), lattice_um, pitch, lattice
 
 
-def estimate_pixel_size(
-    url: str | Path,
+def check_pixel_size(
+    sdata: SpatialData,
     *,
     spots: str | None = None,
     tolerance: float = DISAGREEMENT_TOLERANCE,
-    write: bool = True,
-    storage_options: StorageOptions = None,
+    where: str = "sample",
 ) -> PixelSizeReport:
-    """Estimate a store's pixel size from its spot lattice, compare it with the known values, and record it.
+    """Estimate a sample's pixel size from its spot lattice and compare it with the known values.
+
+    Nothing is read from or written to a store. The report's :attr:`~PixelSizeReport.update` records the result
+    without touching any element's data: ``pixel_size_um_estimated`` in the metadata (the magnification bucket
+    follows it when written) and the comparison in the spots element's provenance
+    (``parameters['pixel_size_check']``).
 
     Parameters
     ----------
-    url
-        Store path or URL.
+    sdata
+        A sample with its record (:func:`hest_zarr.open`, a converter's output).
     spots
         Spots element to fit (default: ``spots``, else the spot set with the fewest spots).
     tolerance
         Relative disagreement above which the result is flagged (default 5 %).
-    write
-        Record the result: ``pixel_size_um_estimated`` (and the magnification bucket it implies) in the metadata,
-        the comparison in the spots element's provenance (``parameters['pixel_size_check']``). The spots
-        element is rewritten unchanged to carry it.
-    storage_options
-        fsspec options for a remote URL.
+    where
+        How messages name the sample (the workflow passes the store's URL).
 
     Returns
     -------
-    The estimate and its comparison with the embedded and the store's pixel sizes.
+    The estimate, its comparison with the embedded and the sample's pixel sizes, and the record-only update.
 
     Warns
     -----
@@ -223,21 +222,20 @@ def estimate_pixel_size(
 
     Examples
     --------
-    >>> report = estimate_pixel_size("perik.zarr")  # doctest: +SKIP
+    >>> report = check_pixel_size(hest_zarr.open("perik.zarr"))  # doctest: +SKIP
     >>> round(report.estimate.pixel_size_um, 4), report.flagged  # doctest: +SKIP
     (4.6776, True)
 
     """
-    sdata = open_store(url, storage_options)
     record = get_record(sdata)
     try:
         spots = spots or _default_spots(sdata)
         if spots not in sdata.shapes:
             raise InputError(f"no shapes element '{spots}' (found {sorted(sdata.shapes)})")
-        centres, lattice_um, pitch, lattice = _store_lattice(sdata, spots)
+        centres, lattice_um, pitch, lattice = _sample_lattice(sdata, spots)
     except InputError as err:
-        raise InputError(f"{url}: {err}") from err
-    estimate = fit_pixel_size(centres, lattice_um, pitch_um=pitch, lattice=lattice, source=f"{url}: {spots}")
+        raise InputError(f"{where}: {err}") from err
+    estimate = fit_pixel_size(centres, lattice_um, pitch_um=pitch, lattice=lattice, source=f"{where}: {spots}")
     references = {
         name: value
         for name, value in (("embedded", record.metadata.pixel_size_um_embedded), ("store", record.pixel_size_um))
@@ -251,19 +249,17 @@ def estimate_pixel_size(
             if abs(difference) > tolerance
         )
         warnings.warn(
-            f"{url}: the spot lattice gives {estimate.pixel_size_um:.4g} um/px, which disagrees with {disagreeing} "
+            f"{where}: the spot lattice gives {estimate.pixel_size_um:.4g} um/px, which disagrees with {disagreeing} "
             f"by more than {tolerance:.0%}",
             PixelSizeDisagreementWarning,
             stacklevel=2,
         )
-    if write:
-        provenance = record.elements[spots].provenance
-        parameters = {**provenance.parameters, "pixel_size_check": report.summary()}
-        add_elements(  # the record only: the spots' data stays as it is
-            url,
-            {},
-            {spots: Provenance.model_validate({**provenance.model_dump(), "parameters": parameters})},
-            metadata_updates={"pixel_size_um_estimated": estimate.pixel_size_um},
-            storage_options=storage_options,
-        )
-    return report
+    provenance = record.elements[spots].provenance
+    parameters = {**provenance.parameters, "pixel_size_check": report.summary()}
+    update = ElementUpdate(  # the record only: the spots' data stays as it is
+        {},
+        {spots: Provenance.model_validate({**provenance.model_dump(), "parameters": parameters})},
+        metadata_updates={"pixel_size_um_estimated": estimate.pixel_size_um},
+        anchored=frozenset(),  # the spots' own provenance, with its source files
+    )
+    return replace(report, update=update)

@@ -18,6 +18,9 @@ none, or it is wrong, the H&E is registered to the morphology (DAPI) image here:
 The residual is the root-mean-square distance (DAPI pixels) between the refined affine's prediction and the
 inlier correspondences.
 
+:func:`register_he_to_dapi` works on two arrays; :func:`register_sample` on a Xenium sample (SpatialData), returning
+the re-placed elements as an update; :func:`hest_zarr.workflows.register.register` runs it on a store.
+
 Why by hand: opencv's ECC or feature pipelines would do, but opencv is not a dependency of this package;
 scikit-image gives SIFT, RANSAC, warping and phase correlation.
 
@@ -29,22 +32,25 @@ bound is 2 px), 1-3 s per registration on two shared cores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, feature, measure, registration, transform
-from spatialdata.transformations import Affine, get_transformation, set_transformation
+from spatialdata import SpatialData
+from spatialdata.transformations import Affine, set_transformation
 
-import hest_zarr
-from hest_zarr import _raster
-from hest_zarr.elements import CoordinateSystems, Elements, frame_transformations
+from hest_zarr.elements import (
+    Elements,
+    ElementUpdate,
+    affine_xy,
+    frame_transformations,
+    get_record,
+    load_level,
+)
 from hest_zarr.errors import HestZarrError, InputError
-from hest_zarr.schemas import Provenance
-from hest_zarr.store import StorageOptions, add_elements, get_record
-from hest_zarr.store import open as open_store
+from hest_zarr.schemas import Provenance, StoreRecord
 
 COARSE_MAX_SIDE = 512
 FINE_MAX_SIDE = 2048
@@ -81,6 +87,8 @@ class Registration:
         How it was obtained.
     parameters
         Per-stage details (matches, levels, iterations), for the provenance.
+    update
+        The elements re-placed by the registration, for a sample (:func:`register_sample`); ``None`` otherwise.
 
     Examples
     --------
@@ -94,6 +102,7 @@ class Registration:
     n_inliers: int
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    update: ElementUpdate | None = None
 
     def apply(self, xy: np.ndarray) -> np.ndarray:
         """Map ``(n, 2)`` H&E pixel coordinates to DAPI pixels."""
@@ -415,21 +424,8 @@ def simulate_he_from_dapi(dapi: np.ndarray, seed: int) -> tuple[np.ndarray, np.n
     return np.clip(he, 0, 255).astype(np.uint8), he_to_dapi
 
 
-# --------------------------------------------------------------------------------------------- store
-def _global_matrix(element: Any) -> np.ndarray:
-    return get_transformation(element, CoordinateSystems.GLOBAL).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
-
-
-def _level_for(image: Any, max_side: int) -> tuple[int, np.ndarray]:
-    """Load the finest pyramid level whose longest side is at most ``max_side`` (else the coarsest)."""
-    levels = _raster._levels(image) or [_raster._scale0(image).data]
-    chosen = next((k for k, level in enumerate(levels) if max(level.shape[1:]) <= max_side), len(levels) - 1)
-    return chosen, np.asarray(levels[chosen].compute())
-
-
-def _xenium_frame_elements(sdata: Any, record: Any) -> list[str]:
+# --------------------------------------------------------------------------------------------- sample
+def _xenium_frame_elements(sdata: SpatialData, record: StoreRecord) -> list[str]:
     """Elements the Xenium converter placed through the H&E alignment (all but the H&E and the tables)."""
     return [
         name
@@ -441,64 +437,103 @@ def _xenium_frame_elements(sdata: Any, record: Any) -> list[str]:
     ]
 
 
-def register(
-    url: str | Path,
+def _replaced_frames(
+    sdata: SpatialData, record: StoreRecord, result: Registration, he_to_global: np.ndarray
+) -> ElementUpdate:
+    """Re-place the Xenium elements by ``result`` (H&E level-0 px -> DAPI level-0 px), on shallow copies.
+
+    The correction maps ``global`` as the store places the DAPI to ``global`` as the registration places it; every
+    element keeps its own coordinates and gets the corrected transformation, and a provenance naming the
+    registration with its residual in micrometres (DAPI pixels times the DAPI's pixel size).
+    """
+    dapi_to_global = affine_xy(sdata.images[Elements.DAPI])
+    correction = he_to_global @ np.linalg.inv(result.affine) @ np.linalg.inv(dapi_to_global)
+    pixel_size_um = record.pixel_size_um or 1.0
+    dapi_pixel_um = float(np.sqrt(abs(np.linalg.det(dapi_to_global[:2, :2])))) * pixel_size_um
+    elements: dict[str, Any] = {}
+    provenance: dict[str, Provenance] = {}
+    for name in _xenium_frame_elements(sdata, record):
+        element = sdata[name].copy(deep=False)  # the data are shared; the caller's element keeps its transformations
+        to_global = Affine(correction @ affine_xy(element), input_axes=("x", "y"), output_axes=("x", "y"))
+        set_transformation(element, frame_transformations(pixel_size_um, to_global), set_all=True)
+        old = record.elements[name].provenance
+        elements[name] = element
+        provenance[name] = Provenance.model_validate(
+            {
+                **old.model_dump(exclude={"hest_zarr_version"}),
+                "method": f"ops.register: {result.method}",
+                "parameters": {
+                    **old.parameters,
+                    "registration": {
+                        "he_to_dapi_px": result.affine.tolist(),
+                        "residual_px": result.residual_px,
+                        "n_inliers": result.n_inliers,
+                        "replaced_method": old.method,
+                        **result.parameters,
+                    },
+                },
+                "estimated_error_um": result.residual_px * dapi_pixel_um,
+            }
+        )
+    return ElementUpdate(elements, provenance, replace=True, anchored=frozenset())  # converters' inputs kept
+
+
+def register_sample(
+    sdata: SpatialData,
     *,
     force: bool = False,
     coarse_max_side: int = COARSE_MAX_SIDE,
     fine_max_side: int = FINE_MAX_SIDE,
     seed: int = 0,
-    storage_options: StorageOptions = None,
+    source: str = "sample",
 ) -> Registration:
-    """Register a Xenium store's H&E to its DAPI image and re-place the Xenium elements on the H&E.
+    """Register a Xenium sample's H&E to its DAPI image and re-place the Xenium elements on the H&E.
 
-    A store whose alignment came from a file (Xenium Explorer matrix or keypoints, see the provenance of ``dapi``)
-    keeps it unless ``force``: the returned registration is then that alignment and nothing is written. Otherwise
-    the H&E and DAPI levels whose longest side is at most ``fine_max_side`` are registered
-    (:func:`register_he_to_dapi`), and every element the Xenium converter placed (``dapi``, ``transcripts``,
-    ``cells``, ``nuclei``, label rasters) is rewritten with its transformation corrected, its provenance naming the
-    registration and its residual (``estimated_error_um``). ``global`` stays the H&E's pixels and the store's pixel
-    size is kept.
+    A sample whose alignment came from a file (Xenium Explorer matrix or keypoints, see the provenance of ``dapi``)
+    keeps it unless ``force``: the returned registration is then that alignment, with no update. Otherwise the H&E
+    and DAPI levels whose longest side is at most ``fine_max_side`` are registered (:func:`register_he_to_dapi`), and
+    the update replaces every element the Xenium converter placed (``dapi``, ``transcripts``, ``cells``, ``nuclei``,
+    label rasters) by a copy with its transformation corrected, its provenance naming the registration and its
+    residual (``estimated_error_um``). ``global`` stays the H&E's pixels and the pixel size is kept; ``sdata`` is not
+    changed.
 
     Parameters
     ----------
-    url
-        Store path or URL holding ``he`` and ``dapi``.
+    sdata
+        A Xenium sample holding ``he`` and ``dapi`` and carrying its record (e.g. :func:`hest_zarr.open` of a store).
     force
         Register even when an alignment file placed the H&E.
     coarse_max_side, fine_max_side, seed
         See :func:`register_he_to_dapi`.
-    storage_options
-        fsspec options for a remote URL.
+    source
+        Name of the sample for error messages.
 
     Returns
     -------
-    The registration, H&E level-0 pixels -> DAPI level-0 pixels.
+    The registration, H&E level-0 pixels -> DAPI level-0 pixels; its ``update`` (``None`` when a file's alignment
+    is kept) holds the re-placed elements. Their provenance keeps the converter's ``inputs`` (source files).
 
     Raises
     ------
     InputError
-        The store lacks ``he`` or ``dapi``.
+        The sample lacks ``he`` or ``dapi``.
     HestZarrError
         The registration failed (too few matches).
 
     Examples
     --------
-    >>> register("xenium.zarr").method  # an alignment file placed the H&E  # doctest: +SKIP
-    'kept: xenium_explorer_matrix'
-    >>> register("xenium.zarr", force=True).method  # doctest: +SKIP
-    'sift-ransac coarse + phase-correlation windows refined'
+    >>> registration = register_sample(hest_zarr.open("xenium.zarr"), force=True)  # doctest: +SKIP
+    >>> sorted(result.update.elements)  # doctest: +SKIP
+    ['cells', 'dapi', 'nuclei', 'transcripts']
 
     """
-    sdata = open_store(url, storage_options)
     record = get_record(sdata)
     missing = [name for name in (Elements.HE, Elements.DAPI) if name not in sdata.images]
     if missing:
-        raise InputError(f"{url}: no {missing} image(s) to register (found images {sorted(sdata.images)})")
+        raise InputError(f"{source}: no {missing} image(s) to register (found images {sorted(sdata.images)})")
     he_element, dapi_element = sdata.images[Elements.HE], sdata.images[Elements.DAPI]
-    he_to_global = _global_matrix(_raster._scale0(he_element))
-    dapi_to_global = _global_matrix(_raster._scale0(dapi_element))
-    current = np.linalg.inv(dapi_to_global) @ he_to_global  # H&E px -> DAPI px as the store places them
+    he_to_global = affine_xy(he_element)
+    current = np.linalg.inv(affine_xy(dapi_element)) @ he_to_global  # H&E px -> DAPI px as the sample places them
     dapi_provenance = record.elements[Elements.DAPI].provenance
     if dapi_provenance.method in FILE_ALIGNMENT_METHODS and not force:
         return Registration(
@@ -509,8 +544,8 @@ def register(
             parameters={"alignment_file": dapi_provenance.parameters.get("alignment_file")},
         )
 
-    he_level, he_pixels = _level_for(he_element, fine_max_side)
-    dapi_level, dapi_pixels = _level_for(dapi_element, fine_max_side)
+    he_level, he_pixels = load_level(he_element, fine_max_side)
+    dapi_level, dapi_pixels = load_level(dapi_element, fine_max_side)
     found = register_he_to_dapi(
         np.moveaxis(he_pixels, 0, -1),
         dapi_pixels[0],
@@ -518,43 +553,11 @@ def register(
         fine_max_side=fine_max_side,
         seed=seed,
     )
-    affine = _scale(2.0**dapi_level) @ found.affine @ np.linalg.inv(_scale(2.0**he_level))
-    registration_result = Registration(
-        affine=affine,
+    result = Registration(
+        affine=_scale(2.0**dapi_level) @ found.affine @ np.linalg.inv(_scale(2.0**he_level)),
         residual_px=found.residual_px * 2.0**dapi_level,
         n_inliers=found.n_inliers,
         method=found.method,
         parameters={**found.parameters, "levels": {"he": he_level, "dapi": dapi_level}},
     )
-    correction = he_to_global @ np.linalg.inv(affine) @ np.linalg.inv(dapi_to_global)  # global -> global
-    pixel_size_um = record.pixel_size_um or 1.0
-    dapi_pixel_um = float(np.sqrt(abs(np.linalg.det(dapi_to_global[:2, :2])))) * pixel_size_um
-    elements: dict[str, Any] = {}
-    provenance: dict[str, Provenance] = {}
-    for name in _xenium_frame_elements(sdata, record):
-        element = sdata[name]
-        placed = _raster._scale0(element) if name in sdata.images or name in sdata.labels else element
-        to_global = Affine(correction @ _global_matrix(placed), input_axes=("x", "y"), output_axes=("x", "y"))
-        set_transformation(element, frame_transformations(pixel_size_um, to_global), set_all=True)
-        old = record.elements[name].provenance
-        elements[name] = element
-        provenance[name] = Provenance.model_validate(
-            {
-                **old.model_dump(),
-                "method": f"ops.register: {found.method}",
-                "parameters": {
-                    **old.parameters,
-                    "registration": {
-                        "he_to_dapi_px": affine.tolist(),
-                        "residual_px": registration_result.residual_px,
-                        "n_inliers": found.n_inliers,
-                        "replaced_method": old.method,
-                        **registration_result.parameters,
-                    },
-                },
-                "estimated_error_um": registration_result.residual_px * dapi_pixel_um,
-                "hest_zarr_version": hest_zarr.__version__,
-            }
-        )
-    add_elements(url, elements, provenance, replace=True, storage_options=storage_options)
-    return registration_result
+    return replace(result, update=_replaced_frames(sdata, record, result, he_to_global))

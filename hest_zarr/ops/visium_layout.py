@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,9 +32,10 @@ import pandas as pd
 from hest_zarr.elements import Keys
 from hest_zarr.errors import InputError
 
-if TYPE_CHECKING:
-    from hest_zarr.ops.fiducials import CornerName
-
+#: The four corner patterns of a Visium capture-area frame (hourglass top left, filled hexagon top right, triangle
+#: bottom left, open hexagon bottom right on an unrotated, unmirrored slide).
+CornerName = Literal["hourglass", "hex_filled", "triangle", "hex_open"]
+CORNER_NAMES: tuple[CornerName, ...] = ("hourglass", "hex_filled", "triangle", "hex_open")
 SlideName = Literal["6.5mm", "11mm"]
 SLIDE_NAMES: tuple[SlideName, ...] = ("6.5mm", "11mm")
 #: Rows x columns of a corner pattern's window of frame nodes.
@@ -67,37 +68,31 @@ class _SlideConstants:
     empty_col_runs: tuple[tuple[int, int, int, int], ...]
 
 
+#: The constants of each slide side by side, in the order of :data:`SLIDE_NAMES` (6.5 mm, 11 mm).
+_MEASURED: dict[str, tuple[Any, Any]] = {
+    "frame_rows": (59, 93),
+    "frame_cols": (100, 164),
+    "frame_origin_um": ((4288.0, 38652.0), (4288.0, 27442.0)),
+    "fiducial_col_um": (75.0, 75.5),
+    "fiducial_row_um": (130.0, 130.0),
+    "fiducial_diameter_um": (105.0, 105.0),
+    "spot_rows": (78, 128),
+    "spot_cols": (128, 224),
+    "spot_offset_um": ((537.0, 421.0), (578.0, 488.0)),
+    "spot_col_um": (50.0, 50.0),
+    "spot_row_um": (87.0, 86.5),
+    "empty_row_runs": (
+        ((1, 11, 11, 4), (57, 11, 91, 4)),
+        ((0, 12, 152, 4), (2, 10, 154, 4), (91, 11, 155, 4)),
+    ),
+    "empty_col_runs": (
+        ((2, 52, 52, 4), (97, 5, 29, 4), (97, 31, 51, 4)),
+        ((0, 6, 6, 4), (1, 7, 87, 4), (5, 7, 87, 4), (158, 88, 88, 4), (161, 5, 85, 4)),
+    ),
+}
 _CONSTANTS: dict[SlideName, _SlideConstants] = {
-    "6.5mm": _SlideConstants(
-        frame_rows=59,
-        frame_cols=100,
-        frame_origin_um=(4288.0, 38652.0),
-        fiducial_col_um=75.0,
-        fiducial_row_um=130.0,
-        fiducial_diameter_um=105.0,
-        spot_rows=78,
-        spot_cols=128,
-        spot_offset_um=(537.0, 421.0),
-        spot_col_um=50.0,
-        spot_row_um=87.0,
-        empty_row_runs=((1, 11, 11, 4), (57, 11, 91, 4)),
-        empty_col_runs=((2, 52, 52, 4), (97, 5, 29, 4), (97, 31, 51, 4)),
-    ),
-    "11mm": _SlideConstants(
-        frame_rows=93,
-        frame_cols=164,
-        frame_origin_um=(4288.0, 27442.0),
-        fiducial_col_um=75.5,
-        fiducial_row_um=130.0,
-        fiducial_diameter_um=105.0,
-        spot_rows=128,
-        spot_cols=224,
-        spot_offset_um=(578.0, 488.0),
-        spot_col_um=50.0,
-        spot_row_um=86.5,
-        empty_row_runs=((0, 12, 152, 4), (2, 10, 154, 4), (91, 11, 155, 4)),
-        empty_col_runs=((0, 6, 6, 4), (1, 7, 87, 4), (5, 7, 87, 4), (158, 88, 88, 4), (161, 5, 85, 4)),
-    ),
+    slide: _SlideConstants(**{name: values[column] for name, values in _MEASURED.items()})
+    for column, slide in enumerate(SLIDE_NAMES)
 }
 
 
@@ -231,8 +226,6 @@ def _corner_nodes(name: CornerName, frame_rows: int, frame_cols: int) -> tuple[n
 
 
 def _frame_nodes(frame_rows: int, frame_cols: int) -> pd.DataFrame:
-    from hest_zarr.ops.fiducials import CORNER_NAMES  # the detector module imports this one
-
     regions = [  # (first row, last row, first col, last col) of the top, bottom, left and right bands
         (0, 2, _BAND_INSET_COLS, frame_cols - 1 - _BAND_INSET_COLS),
         (frame_rows - 3, frame_rows - 1, _BAND_INSET_COLS, frame_cols - 1 - _BAND_INSET_COLS),

@@ -17,17 +17,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 import hest_zarr
-from hest_zarr.cli import app
 from hest_zarr.converters import read_sample
 from hest_zarr.errors import AlignmentError, InputError
-from hest_zarr.ops.align import align, align_image, fit_spot_grid
+from hest_zarr.ops.align import align_image, align_sample
 from hest_zarr.ops.fiducials import CornerDetection, detect_corners_classical, find_frame
+from hest_zarr.ops.spot_grid import fit_spot_grid
 from hest_zarr.ops.tissue import f1_score
 from hest_zarr.ops.visium_layout import visium_layout
-from hest_zarr.store import get_record, validate
+from hest_zarr.store import get_record
 from tests.conftest import shared
 
 HIRES_SIDE = 2000
@@ -260,115 +259,59 @@ def test_an_11mm_frame_is_recognised() -> None:
         align_image(image, slide="6.5mm", detector="classical")
 
 
-def test_align_a_store_with_shifted_spots(
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_align_sample_in_memory(
     perik_visium: Path, tmp_path: Path, truth: pd.DataFrame, um_per_fullres_px: float
 ) -> None:
-    """Spots moved 40 px right and 25 px up before writing; ``hest-zarr align`` restores them.
+    """Spots moved 40 px right and 25 px up; the operator on the opened store restores them and writes nothing.
 
-    Measured: median 1.5 um, max 3.9 um from Space Ranger's positions; in_tissue F1 0.99 against Space Ranger's.
+    Measured: median 1.5 um, max 3.9 um from Space Ranger's positions.
     """
     sdata = read_sample(perik_visium)
     spots = sdata.shapes["spots"]
     spots.geometry = spots.geometry.translate(40.0, -25.0)
-    url = hest_zarr.write(sdata, tmp_path / "perik.zarr")
+    root = tmp_path / "perik.zarr"
+    hest_zarr.write(sdata, root)
+    files = _files(root)
+    opened = hest_zarr.open(root)
+    shifted_x = opened.shapes["spots"].geometry.x.to_numpy().copy()
 
-    result = CliRunner().invoke(app, ["align", url])
-    assert result.exit_code == 0, result.output
-    assert "6.5mm slide" in result.stdout
-    aligned = hest_zarr.open(url)
-    new_spots = aligned.shapes["spots"]
+    result = align_sample(opened, detector="classical")
+    assert _files(root) == files  # nothing written
+    np.testing.assert_array_equal(opened.shapes["spots"].geometry.x.to_numpy(), shifted_x)  # the sample is unchanged
+    assert "in_tissue_original" not in opened.tables["spot_expression"].obs
+
+    update = result.update
+    assert sorted(update.elements) == ["spot_expression", "spots"] and update.replace
+    new_spots = update.elements["spots"]
     assert len(new_spots) == 2898 and new_spots.index.equals(spots.index)
     reference = truth.set_index("barcode").loc[new_spots.index]
     dx = new_spots.geometry.x.to_numpy() - reference["pxl_col_in_fullres"].to_numpy()
     dy = new_spots.geometry.y.to_numpy() - reference["pxl_row_in_fullres"].to_numpy()
     errors = np.hypot(dx, dy) * um_per_fullres_px
     assert np.median(errors) < 5.0 and errors.max() < 8.0
-    np.testing.assert_allclose(new_spots["radius"], spots["radius"])
+    assert 0 < result.fit.residual_um < 15
 
-    obs = aligned.tables["spot_expression"].obs
-    assert obs["in_tissue_original"].sum() == 2898  # the filtered matrix holds the in-tissue spots only
+    provenance = update.provenance["spots"]
+    assert provenance.converter == "ops.align" and provenance.method == "classical"
+    assert provenance.inputs == [f"he/scale{provenance.parameters['level']}"]  # store-relative: the workflow anchors
+    assert provenance.estimated_error_um == pytest.approx(result.fit.residual_um)
+    obs = update.elements["spot_expression"].obs
+    assert (obs["in_tissue_original"] == 1).all()
+    assert int(obs["in_tissue"].sum()) == provenance.parameters["spots_in_tissue"]
     assert f1_score(obs["in_tissue"] == 1, obs["in_tissue_original"] == 1) > 0.97
-    provenance = get_record(aligned).elements["spots"].provenance
-    assert provenance.converter == "ops.align" and provenance.method in ("classical", "yolo")
-    assert provenance.parameters["attempts"]["classical"] == "ok"  # yolo: "ok" or why it is unavailable
-    assert provenance.parameters["slide"] == "6.5mm" and len(provenance.parameters["corners_used"]) >= 3
-    assert 0 < provenance.estimated_error_um < 15
-    assert provenance.parameters["um_per_global_px"] == pytest.approx(um_per_fullres_px, rel=0.005)
-    assert validate(url) == []
+    table_provenance = update.provenance["spot_expression"]
+    assert table_provenance.inputs == get_record(opened).elements["spot_expression"].provenance.inputs  # its own
+    assert table_provenance.parameters["in_tissue"]["source"] == "ops.align"
 
 
-def test_align_keeps_the_flags_of_a_grey_image(perik_visium: Path, tmp_path: Path) -> None:
-    """Tissue is found by its stain: on a grey copy of perik's image the table's own in_tissue flags stay."""
+def test_align_sample_refuses_a_sample_without_a_table(perik_visium: Path) -> None:
     sdata = read_sample(perik_visium)
-    he = sdata.images["he"]
-    sdata.images["he"] = he.copy(data=np.repeat(he.data.mean(axis=0, keepdims=True).astype(np.uint8), 3, axis=0))
-    obs = sdata.tables["spot_expression"].obs
-    flags = np.where(np.arange(len(obs)) % 4 == 0, 0, 1).astype(np.int32)
-    obs["in_tissue"] = flags
-    url = hest_zarr.write(sdata, tmp_path / "grey.zarr")
-    align(url, detector="classical")
-    aligned = hest_zarr.open(url)
-    np.testing.assert_array_equal(aligned.tables["spot_expression"].obs["in_tissue"].to_numpy(), flags)
-    parameters = get_record(aligned).elements["spots"].provenance.parameters
-    assert parameters["in_tissue_from"] == "kept: a grey image shows no stain"
-
-
-def test_align_refuses_a_store_whose_image_shows_no_frame(scanpy_visium: Path, tmp_path: Path) -> None:
-    """The scanpy Space Ranger 1.0 sample ships an all-black placeholder as its hires image."""
-    url = hest_zarr.write(read_sample(scanpy_visium), tmp_path / "scanpy.zarr")
-    with pytest.raises(AlignmentError, match="no lattice of fiducial dots found"):
-        align(url, detector="classical")
-    with pytest.raises(InputError, match="replace=True"):
-        align(url, replace=False)
-    assert get_record(hest_zarr.open(url)).elements["spots"].provenance.converter == "visium"  # left as it was
-
-
-def test_cli_align_image(spatial: Path, tmp_path: Path) -> None:
-    runner = CliRunner()
-    out = tmp_path / "spots.csv"
-    result = runner.invoke(
-        app, ["align-image", str(spatial / "tissue_lowres_image.png"), "--out", str(out), "--detector", "classical"]
-    )
-    assert result.exit_code == 0, result.output
-    written = pd.read_csv(out)
-    assert list(written.columns) == ["array_row", "array_col", "pxl_row", "pxl_col", "in_tissue"]
-    assert len(written) == 4992
-    assert written.loc[0, ["array_row", "array_col"]].tolist() == [0, 0]
-
-    blank = tmp_path / "blank.png"
-    Image.new("RGB", (400, 300), (236, 236, 236)).save(blank)
-    result = runner.invoke(app, ["align-image", str(blank), "--out", str(tmp_path / "x.csv")])
-    assert result.exit_code == 1
-    assert "Traceback" not in result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot align" in lines[0] and "no lattice of fiducial dots" in lines[0]
-    assert not (tmp_path / "x.csv").exists()
-    no_folder = runner.invoke(
-        app, ["align-image", str(spatial / "tissue_lowres_image.png"), "--out", str(tmp_path / "absent" / "x.csv")]
-    )
-    assert no_folder.exit_code == 1 and "absent does not exist" in no_folder.stderr
-
-
-def test_align_refuses_tables_that_do_not_match_their_spots(scanpy_visium: Path, tmp_path: Path) -> None:
-    """A table row naming no spot, or a table without array positions, is refused before the image is read."""
-    from hest_zarr.schemas import Provenance
-    from hest_zarr.store import add_elements
-
-    url = hest_zarr.write(read_sample(scanpy_visium), tmp_path / "scanpy.zarr")
-    table = hest_zarr.open(url)["spot_expression"]
-    renamed = table.copy()
-    renamed.obs["spot_id"] = renamed.obs["spot_id"].astype(str).replace({renamed.obs["spot_id"].iloc[0]: "NOT-A-SPOT"})
-    add_elements(url, {"spot_expression": renamed}, {"spot_expression": Provenance(converter="test")}, replace=True)
-    with pytest.raises(InputError, match=r"1 spot ids of 'spot_expression' are not in 'spots' \(e.g. 'NOT-A-SPOT'\)"):
-        align(url)
-    no_rows = table.copy()
-    del no_rows.obs["array_row"]
-    add_elements(url, {"spot_expression": no_rows}, {"spot_expression": Provenance(converter="test")}, replace=True)
-    with pytest.raises(InputError, match=r"'spot_expression' has no \['array_row'\] column"):
-        align(url)
-    unplaced = table.copy()
-    unplaced.obs["array_row"] = unplaced.obs["array_row"].astype(float)
-    unplaced.obs.loc[unplaced.obs.index[0], "array_row"] = np.nan
-    add_elements(url, {"spot_expression": unplaced}, {"spot_expression": Provenance(converter="test")}, replace=True)
-    with pytest.raises(InputError, match=r"array_row/array_col that are not whole numbers"):
-        align(url)
+    del sdata.tables["spot_expression"]
+    with pytest.raises(InputError, match=r"^sample: cannot align without \['spot_expression'\]"):
+        align_sample(sdata)
+    with pytest.raises(InputError, match=r"^perik: cannot align without"):
+        align_sample(sdata, where="perik")

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from hest_zarr.errors import InputError
-from hest_zarr.ops.fiducials import CORNER_NAMES
+from hest_zarr.ops.visium_layout import CORNER_NAMES
 
 if importlib.util.find_spec("ultralytics") is None:  # not importorskip: importing it alters numpy printing
     pytest.skip("ultralytics is not installed", allow_module_level=True)

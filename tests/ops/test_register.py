@@ -1,8 +1,9 @@
-"""H&E <-> DAPI registration on the real Xenium morphology image (SFE crop, 237 x 237 px).
+"""H&E <-> DAPI registration on the real Xenium morphology image (SFE crop, 237 x 237 px), arrays and samples in memory.
 
 No paired real H&E exists in the shared data: the moving image is a pseudo-H&E made from the real DAPI
 (:func:`simulate_he_from_dapi`: inverted into haematoxylin purple on eosin pink, textured, noisy) and warped by a
-random affine with a fixed seed, so the true transformation is known.
+random affine with a fixed seed, so the true transformation is known. The URL form is tested in
+``tests/workflows/test_register.py``, which reuses the helpers here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from spatialdata.transformations import get_transformation
 import hest_zarr
 from hest_zarr.converters.xenium import read_xenium
 from hest_zarr.errors import HestZarrError, InputError
-from hest_zarr.ops.register import register, register_he_to_dapi, simulate_he_from_dapi
+from hest_zarr.ops.register import register_he_to_dapi, register_sample, simulate_he_from_dapi
+from hest_zarr.store import read_record
 from tests.conftest import shared
 
 MAX_ERROR_PX = 2.0
@@ -86,42 +88,55 @@ def affine_of(element, name: str = "global") -> np.ndarray:
     return get_transformation(element, name).to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
 
 
-def test_store_keeps_a_file_alignment_and_fixes_a_wrong_one(dapi: np.ndarray, tmp_path: Path) -> None:
+def misaligned_store(dapi: np.ndarray, tmp_path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """A Xenium store of the SFE crop whose H&E (pseudo, seed 4) an alignment file places 15 px off.
+
+    Returns its URL, the true H&E px -> DAPI px affine and the file's wrong one.
+    """
     he, truth = simulate_he_from_dapi(dapi, 4)
     wrong = truth.copy()
-    wrong[:2, 2] += [12.0, -9.0]  # the alignment file is 15 px off
+    wrong[:2, 2] += [12.0, -9.0]
     np.savetxt(tmp_path / "he_alignment.csv", wrong, delimiter=",")
     sample = read_xenium(
         xenium_folder(tmp_path), he_image=np.moveaxis(he, -1, 0).copy(), alignment=tmp_path / "he_alignment.csv"
     )
-    url = hest_zarr.write(sample, tmp_path / "xenium.zarr")
+    return hest_zarr.write(sample, tmp_path / "xenium.zarr"), truth, wrong
 
-    kept = register(url)
-    assert kept.method == "kept: xenium_explorer_matrix"
+
+def test_register_an_opened_store_in_memory(dapi: np.ndarray, tmp_path: Path) -> None:
+    url, truth, wrong = misaligned_store(dapi, tmp_path)
+    sdata = hest_zarr.open(url)
+    placed = {name: affine_of(sdata[name]) for name in ("dapi", "cells", "nuclei", "transcripts")}
+
+    kept = register_sample(sdata)
+    assert kept.method == "kept: xenium_explorer_matrix" and kept.update is None
     np.testing.assert_allclose(kept.affine, wrong, atol=1e-9)
 
-    found = register(url, force=True)
+    found = register_sample(sdata, force=True)
     assert max_error_px(found.affine, truth, dapi.shape) <= MAX_ERROR_PX
-    sdata = hest_zarr.open(url)
-    # the DAPI now lands on the H&E by the true affine; molecules and cells follow it
-    assert max_error_px(np.linalg.inv(affine_of(sdata["dapi"])), truth, dapi.shape) <= MAX_ERROR_PX
+    assert found.residual_px < 0.5 and found.n_inliers >= 40
+    update = found.update
+    assert update is not None and update.replace
+    assert sorted(update.elements) == sorted(update.provenance) == ["cells", "dapi", "nuclei", "transcripts"]
     um_to_dapi = np.diag([1 / TEST_PIXEL_SIZE_UM, 1 / TEST_PIXEL_SIZE_UM, 1.0])
     for name in ("cells", "nuclei", "transcripts"):
-        np.testing.assert_allclose(affine_of(sdata[name]), np.linalg.inv(found.affine) @ um_to_dapi, atol=1e-9)
-    assert np.allclose(affine_of(sdata["he"]), np.eye(3))
-    record = hest_zarr.get_record(sdata)
-    provenance = record.elements["transcripts"].provenance
+        np.testing.assert_allclose(
+            affine_of(update.elements[name]), np.linalg.inv(found.affine) @ um_to_dapi, atol=1e-9
+        )
+    assert max_error_px(np.linalg.inv(affine_of(update.elements["dapi"])), truth, dapi.shape) <= MAX_ERROR_PX
+    provenance = update.provenance["transcripts"]
     assert provenance.method.startswith("ops.register: sift-ransac")
     assert provenance.parameters["registration"]["replaced_method"] == "xenium_explorer_matrix"
-    he_pixel_um = record.pixel_size_um
     assert provenance.estimated_error_um == pytest.approx(found.residual_px * TEST_PIXEL_SIZE_UM, rel=1e-6)
-    assert np.allclose(
-        affine_of(sdata["transcripts"], "um"), np.diag([he_pixel_um, he_pixel_um, 1]) @ affine_of(sdata["transcripts"])
-    )
-    assert hest_zarr.validate(url) == []
+    assert provenance.inputs == read_record(url).elements["transcripts"].provenance.inputs  # the converter's files
+    # neither the opened sample nor the store moved
+    for name, matrix in placed.items():
+        np.testing.assert_allclose(affine_of(sdata[name]), matrix, atol=1e-12)
+        np.testing.assert_allclose(affine_of(hest_zarr.open(url)[name]), matrix, atol=1e-12)
+    assert read_record(url).elements["dapi"].provenance.method == "xenium_explorer_matrix"
 
 
-def test_store_without_dapi(perik_visium: Path, tmp_path: Path) -> None:
-    url = hest_zarr.write(hest_zarr.converters.read_visium(perik_visium), tmp_path / "perik.zarr")
-    with pytest.raises(InputError, match=r"perik.zarr: no \['dapi'\] image"):
-        register(url)
+def test_sample_without_dapi(perik_visium: Path) -> None:
+    sample = hest_zarr.converters.read_visium(perik_visium)
+    with pytest.raises(InputError, match=r"perik: no \['dapi'\] image\(s\) to register \(found images \['he'\]\)"):
+        register_sample(sample, source="perik")

@@ -12,21 +12,13 @@ import pytest
 import shapely
 from PIL import Image
 from skimage.draw import disk, line
-from spatialdata.transformations import Identity, get_transformation
 
 import hest_zarr
 from hest_zarr.converters import read_visium
-from hest_zarr.converters.st_v1 import read_st_v1
+from hest_zarr.elements import get_record
 from hest_zarr.errors import InputError
-from hest_zarr.ops.tissue import (
-    f1_score,
-    ink_mask,
-    load_deeplab,
-    mask_to_polygons,
-    segment_tissue,
-    spot_tissue_fraction,
-    tissue,
-)
+from hest_zarr.ops.tissue import f1_score, mask_to_polygons, segment_sample, spot_tissue_fraction
+from hest_zarr.ops.tissue_mask import ink_mask, load_deeplab, segment_tissue
 from tests.conftest import shared
 
 LOWRES_SCALEF = 0.2  # perik scalefactors_json.json: tissue_lowres_scalef
@@ -144,68 +136,6 @@ def test_fiducial_dots_are_removed(perik_lowres: np.ndarray, perik_truth: tuple)
     assert spot_f1(mask, *perik_truth, LOWRES_SCALEF) >= 0.95
 
 
-def test_store_operator_on_perik(perik_visium: Path, perik_lowres: np.ndarray, tmp_path: Path) -> None:
-    url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
-    before = hest_zarr.open(url)["spot_expression"].copy()
-    result = tissue(url)
-    sdata = hest_zarr.open(url)
-    polygons = sdata["tissue"]
-    assert isinstance(get_transformation(polygons, "global"), Identity)
-    assert result.level == 0 and result.mask.shape == (600, 600)
-    # the polygons are in full-resolution pixels: the lowres mask scaled by 1 / tissue_lowres_scalef
-    # global has pixel centres at integers: lowres pixel j is centred on (j + 0.5) / scalef - 0.5
-    yy, xx = (np.mgrid[:600, :600] + 0.5) / LOWRES_SCALEF - 0.5
-    inside = np.zeros((600, 600), bool)
-    for polygon in polygons.geometry:
-        inside |= shapely.contains_xy(polygon, xx, yy)
-    assert (inside == result.mask).mean() > 0.995  # simplified by 0.5 lowres px
-    table = sdata["spot_expression"]
-    assert (table.obs["in_tissue_original"] == 1).all()  # the filtered matrix holds in-tissue spots only
-    assert int(table.obs["in_tissue"].sum()) == result.in_tissue["spot_expression"]
-    assert result.agreement_f1["spot_expression"] >= 0.95  # measured 0.992
-    for column in ("spot_id", "array_row", "array_col"):
-        assert (table.obs[column].to_numpy() == before.obs[column].to_numpy()).all()
-    assert (table.X != before.X).nnz == 0
-    provenance = hest_zarr.get_record(sdata).elements
-    assert provenance["tissue"].provenance.method == "threshold"
-    assert provenance["spot_expression"].provenance.converter == "visium"
-    assert provenance["spot_expression"].provenance.parameters["in_tissue"]["source"] == "ops.tissue"
-    assert hest_zarr.validate(url) == []
-    with pytest.raises(InputError, match="already holds 'tissue'"):
-        tissue(url)
-    tissue(url, replace=True)
-    assert (hest_zarr.open(url)["spot_expression"].obs["in_tissue_original"] == 1).all()
-
-
-def test_store_operator_on_s3(s3_server, s3_bucket: str, perik_visium: Path) -> None:
-    """The same segmentation on a store in object storage (moto's S3 server on loopback)."""
-    url = f"{s3_bucket}/perik.zarr"
-    options = s3_server.storage_options
-    hest_zarr.write(read_visium(perik_visium), url, storage_options=options)
-    result = tissue(url, storage_options=options)
-    remote = hest_zarr.open(url, storage_options=options)
-    assert len(remote["tissue"]) == len(result.polygons) == 2
-    assert int(remote["spot_expression"].obs["in_tissue"].sum()) == result.in_tissue["spot_expression"] == 2850
-    assert hest_zarr.validate(url, storage_options=options) == []
-
-
-@pytest.mark.parametrize("section", ["MOB1", "MOB2"])
-def test_store_operator_agrees_with_st_spot_detector(section: str, tmp_path: Path) -> None:
-    folder = shared("STUtility_ST_v1")
-    sample = read_st_v1(
-        folder / f"{section}.tsv", alignment=folder / f"alignment_table_{section}.tsv", image=folder / f"{section}.jpg"
-    )
-    result = tissue(hest_zarr.write(sample, tmp_path / f"{section}.zarr"))
-    assert result.agreement_f1["spot_expression"] >= 0.95  # measured 0.981 (MOB1), 0.984 (MOB2)
-    assert len(result.polygons) == 1
-
-
-def test_blank_image_is_refused(scanpy_visium: Path, tmp_path: Path) -> None:
-    url = hest_zarr.write(read_visium(scanpy_visium), tmp_path / "scanpy.zarr")  # its hires PNG is all black
-    with pytest.raises(InputError, match="no tissue found on 'he' level 0"):
-        tissue(url)
-
-
 def test_bad_arguments(perik_lowres: np.ndarray) -> None:
     with pytest.raises(InputError, match=r"expected an RGB image of shape \(y, x, 3\)"):
         segment_tissue(perik_lowres[..., 0])
@@ -257,17 +187,45 @@ def test_deeplab_refuses_wrong_weights(deeplab_state: dict, tmp_path: Path) -> N
         load_deeplab(tmp_path / "text.pt")
 
 
-def test_cli(perik_visium: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
+# ----------------------------------------------------------------------------------------------- sample operator
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
-    from hest_zarr.cli import app
 
-    url = hest_zarr.write(read_visium(perik_visium), tmp_path / "perik.zarr")
-    result = CliRunner().invoke(app, ["tissue", url])
-    assert result.exit_code == 0, result.output
-    output = " ".join(result.stdout.split())  # rich wraps long lines
-    assert "2 tissue polygon(s) from 'he' level 0" in output
-    assert "spot_expression: 2850 spots in tissue, F1 0.992 against the previous in_tissue" in output
-    result = CliRunner().invoke(app, ["tissue", url, "--method", "deeplab", "--replace"])
-    assert result.exit_code == 1
-    assert "error: method='deeplab' needs weights" in result.stderr
+def test_segment_sample_in_memory(perik_visium: Path, perik_truth: tuple, tmp_path: Path) -> None:
+    """The operator on an opened store: the polygons in full-resolution pixels, the flags, nothing written."""
+    root = tmp_path / "perik.zarr"
+    hest_zarr.write(read_visium(perik_visium), root)
+    files = _files(root)
+    sdata = hest_zarr.open(root)
+    result = segment_sample(sdata)
+    assert _files(root) == files
+    assert "in_tissue_original" not in sdata.tables["spot_expression"].obs  # the sample is left as it was
+    assert result.level == 0 and result.mask.shape == (600, 600) and len(result.polygons) == 2
+    assert result.in_tissue == {"spot_expression": 2850}
+    assert result.agreement_f1["spot_expression"] >= 0.95  # measured 0.992
+    # the polygons are in full-resolution pixels: the lowres mask scaled by 1 / tissue_lowres_scalef
+    centres, truth = perik_truth
+    inside = np.zeros(len(centres), bool)
+    for polygon in result.polygons.geometry:
+        inside |= shapely.contains_xy(polygon, centres[:, 0], centres[:, 1])
+    assert f1_score(inside, truth) >= 0.95
+    update = result.update
+    assert sorted(update.elements) == ["spot_expression", "tissue"] and update.replace
+    assert update.provenance["tissue"].inputs == ["he/scale0"]  # store-relative: the workflow anchors it
+    lowres_pixel_um = get_record(sdata).pixel_size_um / LOWRES_SCALEF
+    assert update.provenance["tissue"].estimated_error_um == pytest.approx(lowres_pixel_um)
+    table = update.elements["spot_expression"]
+    assert int(table.obs["in_tissue"].sum()) == 2850 and (table.obs["in_tissue_original"] == 1).all()
+    assert update.provenance["spot_expression"].converter == "visium"  # the table keeps its provenance
+    assert update.provenance["spot_expression"].parameters["in_tissue"]["spots_in_tissue"] == 2850
+
+
+def test_segment_sample_of_a_converter_output(scanpy_visium: Path) -> None:
+    """No store at all: the scanpy sample's hires PNG is all black, which the operator refuses by name."""
+    sdata = read_visium(scanpy_visium)
+    with pytest.raises(InputError, match=r"^sample: no tissue found on 'he' level 0"):
+        segment_sample(sdata)
+    del sdata.images["he"]
+    with pytest.raises(InputError, match=r"^scanpy: no 'he' image to segment"):
+        segment_sample(sdata, where="scanpy")

@@ -190,37 +190,24 @@ def convert(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Convert a sample into a store."""
-    from hest_zarr.converters import read_sample
-    from hest_zarr.errors import InputError
-    from hest_zarr.schemas import metadata_by_id, read_hest_metadata_csv
-    from hest_zarr.store import write
+    from hest_zarr.workflows.convert import convert as convert_sample
 
-    with _clear_errors():
-        known = None
-        if metadata is not None:
-            sid = sample_id or source.name
-            known = metadata_by_id(read_hest_metadata_csv(metadata)[0]).get(sid)
-            if known is None:
-                raise InputError(f"{metadata}: no row with id {sid!r}")
-        sdata = read_sample(
+    with _clear_errors(), _progress(progress):
+        url = convert_sample(
             source,
+            output,
             technology=technology.value,
             image=image,
             alignment=alignment,
             coordinates=coordinates,
             sample_id=sample_id,
-            metadata=known,
+            metadata_csv=metadata,
+            image_codec=codec.value,
+            jpeg_quality=jpeg_quality,
+            chunk_size=chunk_size,
+            overwrite=overwrite,
+            storage_options=_storage_options(storage_options),
         )
-        with _progress(progress):
-            url = write(
-                sdata,
-                output,
-                overwrite=overwrite,
-                image_codec=codec.value,
-                jpeg_quality=jpeg_quality,
-                chunk_size=chunk_size,
-                storage_options=_storage_options(storage_options),
-            )
     console.print(f"wrote {url}")
 
 
@@ -401,11 +388,11 @@ def align_image(
 ) -> None:
     """Find the fiducial frame of a Visium image and write every spot's pixel position (Space Ranger row/col)."""
     from hest_zarr.ops.align import SPOT_COLUMNS
-    from hest_zarr.ops.align import align_image as align_one
+    from hest_zarr.workflows.align import align_image_file
 
     with _clear_errors():
         _check_output_folder(out)
-        result = align_one(image, slide=slide.value, detector=detector.value)
+        result = align_image_file(image, slide=slide.value, detector=detector.value)
     result.spots[[*SPOT_COLUMNS, "in_tissue"]].to_csv(out, index=False)
     console.print(f"wrote {len(result.spots)} spots to {out}: {_alignment_summary(result)}", highlight=False)
 

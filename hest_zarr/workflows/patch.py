@@ -34,6 +34,29 @@ def write_patches(
     pixel sizes, the source store and element. :func:`hest_zarr.converters.hest_patches.export_hest_h5`
     turns it into HEST's ``.h5`` layout.
 
+    Parameters
+    ----------
+    url
+        The sample store (local path or fsspec URL).
+    out
+        The patch store to write (refused when it exists, unless ``overwrite``).
+    element, image, size_px, pixel_size_um, in_tissue_only
+        Which patches: see :func:`hest_zarr.ops.patch.plan_patches`.
+    codec
+        Codec of the patch images.
+    overwrite
+        Replace an existing patch store.
+    workers
+        Concurrent chunk reads (default :func:`hest_zarr.store.chunk_workers`).
+    storage_options, out_storage_options
+        fsspec options of the sample store and of the patch store.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The patch store's URL.
+
     Examples
     --------
     >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP

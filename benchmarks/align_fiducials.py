@@ -47,8 +47,9 @@ import pandas as pd
 from PIL import Image
 
 from hest_zarr.errors import AlignmentError
-from hest_zarr.ops.align import fit_spot_grid, spot_tissue_flags, yolo_available
+from hest_zarr.ops.align import spot_tissue_flags, yolo_available
 from hest_zarr.ops.fiducials import find_frame
+from hest_zarr.ops.spot_grid import fit_spot_grid
 from hest_zarr.ops.tissue import f1_score
 from hest_zarr.ops.visium_layout import visium_layout
 

@@ -69,8 +69,8 @@ def n_halvings(size: int) -> int:
 # --------------------------------------------------------------------------------------------- the paths (children)
 def run_ours(slide: Path, size: int, out: Path, codec: str) -> dict:
     import hest_zarr
-    from hest_zarr.elements import build_sample
     from hest_zarr.converters.slides import he_element, slide_image
+    from hest_zarr.elements import build_sample
 
     image = slide_image(slide)
     cropped = dataclasses.replace(image, data=image.data[:, :size, :size])

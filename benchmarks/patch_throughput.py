@@ -81,9 +81,9 @@ def build_stores(workdir: Path, size: int, n_spots: int) -> dict[str, Path]:
     import zarr
 
     import hest_zarr
-    from hest_zarr.elements import build_sample, circle_spots
     from hest_zarr.converters.hest import write_pyramidal_tiff
     from hest_zarr.converters.slides import he_element, slide_image
+    from hest_zarr.elements import build_sample, circle_spots
 
     claim_workdir(workdir, empty=False)  # a kept slide and stores (--keep) are reused
     slide = workdir / f"slide_{size}.tif"
@@ -161,7 +161,8 @@ def touched_chunks(store: Path, plan) -> tuple[list[Path], object]:
     """The chunk files under the patches, and the bare codec call that decodes them."""
     import imagecodecs
 
-    from hest_zarr.ops.patch import _window_chunks, open_levels
+    from hest_zarr.ops.patch import _window_chunks
+    from hest_zarr.store import open_levels
 
     level = open_levels(store)[plan.level]
     keys = sorted({key for o in plan.origins for key in _window_chunks(o, plan.window, level.chunk_side, level.shape)})
@@ -184,7 +185,7 @@ def run_decode_limit(store: Path, plan, threads: int) -> dict:
 
 def run_ours(url, workers: int, storage_options=None, repeats: int = 1) -> dict:
     """Time the patch iteration (opening the store and planning are done before the clock starts)."""
-    from hest_zarr.ops.patch import extract_patches
+    from hest_zarr.stream import extract_patches
 
     def read_all(batches) -> int:
         return sum(len(batch.indices) for batch in batches)
@@ -293,7 +294,8 @@ def upload_touched(store: Path, plan, options: dict, bucket: str) -> tuple[str, 
     """Upload every file of the store except level chunks the patches do not touch; return URL and chunk keys."""
     import s3fs
 
-    from hest_zarr.ops.patch import _window_chunks, open_levels
+    from hest_zarr.ops.patch import _window_chunks
+    from hest_zarr.store import open_levels
 
     level = open_levels(store)[plan.level]
     keys = {

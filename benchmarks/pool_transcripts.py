@@ -9,10 +9,10 @@
 2. Runs each method in its own subprocess, one after the other, at ``nice`` 10 (``--nice``), under a watchdog that
    stops a child past ``--memory-limit-gib`` (16) of RSS, recorded as "out of memory":
 
-   - ``ours``: :func:`hest_zarr.ops.pool.pool_parquet`, 55 um squares, qv >= 20, controls kept: the core (parquet
-     batches -> sparse counts), no store write;
-   - ``ours_store``: :func:`hest_zarr.ops.pool.pool_transcripts` end to end on a store holding the same molecules as
-     its ``transcripts`` points (read by the Xenium converter; building the store is not timed): reading the points
+   - ``ours``: :func:`hest_zarr.workflows.pool.pool_parquet`, 55 um squares, qv >= 20, controls kept: the core
+     (parquet batches -> sparse counts), no store write;
+   - ``ours_store``: :func:`hest_zarr.workflows.pool.pool_transcripts` end to end on a store holding the same molecules
+     as its ``transcripts`` points (read by the Xenium converter; building the store is not timed): reading the points
      from the store, pooling, writing ``spots`` and ``spot_expression`` (``--skip-store`` leaves it out);
    - ``hest_style``: the HEST-Library's approach as the paper describes it, written here (no HEST code): the whole
      transcript table loaded with pandas, molecules of qv >= 20 kept, square ids computed, ``groupby(square, gene)``
@@ -70,8 +70,10 @@ ISSUE_REFERENCE = {
     "spatialdata_aggregate_50M": "out of memory",
 }
 METHODS = {
-    "ours": "hest_zarr.ops.pool.pool_parquet(file, size_um=55, min_qv=20): parquet batches -> sparse counts",
-    "ours_store": "hest_zarr.ops.pool.pool_transcripts(store, 55): store points -> spots + spot_expression written",
+    "ours": "hest_zarr.workflows.pool.pool_parquet(file, size_um=55, min_qv=20): parquet batches -> sparse counts",
+    "ours_store": (
+        "hest_zarr.workflows.pool.pool_transcripts(store, 55): store points -> spots + spot_expression written"
+    ),
     "hest_style": "pandas: read the whole table, qv >= 20, square ids, groupby(square, gene).size(), pivot to a matrix",
     "spatialdata": "spatialdata.aggregate(points (dask PointsModel, qv >= 20), 55 um squares, 'feature_name', 'count')",
 }
@@ -131,8 +133,8 @@ def write_transcripts(path: Path, n_rows: int, seed: int = 0) -> dict:
 def build_store(parquet: Path, store: Path) -> dict:
     """A store holding the molecules as ``transcripts`` (the Xenium converter's reader), morphology-pixel frame."""
     import hest_zarr
-    from hest_zarr.elements import build_sample
     from hest_zarr.converters.xenium import DEFAULT_PIXEL_SIZE_UM, read_transcripts
+    from hest_zarr.elements import build_sample
 
     start = time.perf_counter()
     points = read_transcripts(parquet)
@@ -149,7 +151,7 @@ def build_store(parquet: Path, store: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- the methods
 def run_ours(parquet: Path) -> dict:
-    from hest_zarr.ops.pool import pool_parquet
+    from hest_zarr.workflows.pool import pool_parquet
 
     start = time.perf_counter()
     pooled = pool_parquet(parquet, size_um=SIZE_UM, min_qv=MIN_QV)
@@ -159,7 +161,7 @@ def run_ours(parquet: Path) -> dict:
 
 def run_ours_store(store: Path) -> dict:
     import hest_zarr
-    from hest_zarr.ops.pool import pool_transcripts
+    from hest_zarr.workflows.pool import pool_transcripts
 
     start = time.perf_counter()
     summary = pool_transcripts(store, SIZE_UM, min_qv=MIN_QV)

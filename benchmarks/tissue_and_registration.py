@@ -33,9 +33,11 @@ from PIL import Image
 import hest_zarr
 from hest_zarr.converters.st_v1 import read_st_v1
 from hest_zarr.converters.visium_hd import read_visium_hd
-from hest_zarr.ops.pixel_size import estimate_pixel_size, fit_pixel_size, visium_lattice_um
+from hest_zarr.ops.pixel_size import fit_pixel_size, visium_lattice_um
 from hest_zarr.ops.register import register_he_to_dapi, simulate_he_from_dapi
-from hest_zarr.ops.tissue import f1_score, segment_tissue, spot_tissue_fraction
+from hest_zarr.ops.tissue import f1_score, spot_tissue_fraction
+from hest_zarr.ops.tissue_mask import segment_tissue
+from hest_zarr.workflows.pixel_size import estimate_pixel_size
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -1,11 +1,12 @@
 """HEST-Benchmark on sample stores: how well a patch encoder predicts spatial gene expression.
 
 Protocol ``hest-bench-1.0`` (:mod:`~hest_zarr.bench.protocol`): 112 x 112 um patches (224 px at 0.5 um/px)
-centred on spots, streamed from the stores by the patching operator; the 50 most variable genes of a task
-(:mod:`~hest_zarr.bench.genes`); patient-stratified folds (:mod:`~hest_zarr.bench.tasks`); embeddings cached in
-the stores (:mod:`~hest_zarr.bench.embed`) from a registry of encoders (:mod:`~hest_zarr.bench.encoders`);
-PCA + Ridge, Ridge and XGBoost regressors scored by Pearson's r per gene (:mod:`~hest_zarr.bench.regression`);
-results as JSON, CSV, a summary table and a bar plot (:mod:`~hest_zarr.bench.report`).
+centred on spots, streamed from the stores by the one patch reader (:mod:`hest_zarr.stream`); the 50 most variable
+genes of a task (:mod:`~hest_zarr.bench.genes`); patient-stratified folds (:mod:`~hest_zarr.bench.tasks`);
+embeddings cached in the stores (:mod:`~hest_zarr.bench.embed`) from a registry of encoders
+(:mod:`~hest_zarr.bench.encoders`); PCA + Ridge, Ridge and XGBoost regressors scored by Pearson's r per gene
+(:mod:`~hest_zarr.bench.regression`); results as JSON, CSV, a summary table and a bar plot
+(:mod:`~hest_zarr.bench.report`).
 
 Needs the ``ml`` extra (torch, torchvision, xgboost, the EfficientNet-Lite0 packages).
 

@@ -1,11 +1,12 @@
-"""Patch embeddings of a sample, cut with the patching operator and cached in the store.
+"""Patch embeddings of a sample, cut with the one patch reader and cached in the store.
 
-Patches come from :func:`hest_zarr.ops.patch.extract_patches` (chunk-aware: every image chunk is read once)
-and go through the encoder in batches. The result is written into the sample's store as the table
-``embeddings_<encoder>`` (``_<size>px_<um>um`` appended when the patch geometry is not the protocol's 224 px at
-0.5 um/px) annotating ``spots``: ``X`` is ``(spots, D)`` float32, ``obs`` holds ``spot_id`` and ``region``.
-Its provenance records the encoder's fingerprint and the patch geometry; a later run with the same fingerprint
-and geometry that needs no other spots reads the table instead of embedding again.
+Patches come from :func:`hest_zarr.stream.extract_patches` (:class:`hest_zarr.stream.SamplePatches`, the reader the
+streaming datasets use too: chunk-aware, every image chunk read once) and go through the encoder in batches. The
+result is added to the sample's store (:func:`hest_zarr.store.add_elements`) as the table ``embeddings_<encoder>``
+(``_<size>px_<um>um`` appended when the patch geometry is not the protocol's 224 px at 0.5 um/px) annotating
+``spots``: ``X`` is ``(spots, D)`` float32, ``obs`` holds ``spot_id`` and ``region``. Its provenance records the
+encoder's fingerprint and the patch geometry; a later run with the same fingerprint and geometry that needs no other
+spots reads the table instead of embedding again.
 """
 
 from __future__ import annotations

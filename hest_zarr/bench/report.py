@@ -32,7 +32,11 @@ AVERAGE = "average"
 
 @dataclass
 class BenchResults:
-    """Everything a run produced and what it ran with (see :func:`hest_zarr.bench.report.write_results`)."""
+    """Everything a run produced and what it ran with: what :func:`~hest_zarr.bench.run.run_benchmark` returns.
+
+    It lives here, with the functions that turn it into files (:func:`write_results`), so that the runner
+    depends on the report and not the other way round.
+    """
 
     protocol: dict[str, Any]
     settings: dict[str, Any]

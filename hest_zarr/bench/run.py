@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,11 +48,14 @@ from hest_zarr.bench.protocol import (
     REGRESSORS,
     protocol_record,
 )
-from hest_zarr.bench.regression import evaluate
+from hest_zarr.bench.regression import RegressionResult, evaluate
 from hest_zarr.bench.report import BenchResults, write_results
 from hest_zarr.bench.tasks import SampleSpots, Task, load_task, read_task_spots
 from hest_zarr.errors import InputError
 from hest_zarr.schemas import HEST_ZARR_VERSION
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -200,37 +203,30 @@ def _check_names(config: BenchConfig) -> None:
         raise InputError(f"batch_size must be >= 1, got {config.batch_size}")
 
 
-def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
-    """Run the benchmark and, when ``config.output`` is set, write its results there.
-
-    Examples
-    --------
-    >>> from hest_zarr.bench import BenchConfig, run_benchmark
-    >>> results = run_benchmark(BenchConfig(  # doctest: +SKIP
-    ...     tasks=["hest_zarr/bench/tasks/MOB_ST_v1"], store_root="stores",
-    ...     encoders=[{"kind": "efficientnet-lite0"}], output="results"))
-    >>> results.result("MOB_ST_v1", "efficientnet_lite0", "pca_ridge").mean  # doctest: +SKIP
-
-    """
-    started = time.perf_counter()
-    if not isinstance(config, BenchConfig):
-        config = load_config(config)
-    _check_names(config)
+def _load_tasks(config: BenchConfig) -> list[PreparedTask]:
+    """Step 1-2: load the tasks (unique names), open and check their stores, read their targets."""
     tasks = [task if isinstance(task, Task) else load_task(task) for task in config.tasks]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise InputError(f"task names must be unique, got {names}")
-    prepared = [prepare_task(t, store_root=config.store_root, storage_options=config.storage_options) for t in tasks]
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    return [prepare_task(t, store_root=config.store_root, storage_options=config.storage_options) for t in tasks]
+
+
+def _build_encoders(config: BenchConfig, device: torch.device) -> list[Encoder]:
+    """Step 2: build every encoder on the device (weights files checked); names must be unique."""
     encoders = [build_encoder(spec).to(device) for spec in config.encoders]
     encoder_names = [encoder.name for encoder in encoders]
     if len(set(encoder_names)) != len(encoder_names):
         raise InputError(f"encoder names must be unique, got {encoder_names}")
-    checked = time.perf_counter()
+    return encoders
 
+
+def _embed_all(
+    config: BenchConfig, prepared: Sequence[PreparedTask], encoders: Sequence[Encoder], precision: str
+) -> tuple[dict[tuple[str, str], dict[str, np.ndarray]], list[dict[str, Any]]]:
+    """Step 3: embed each (sample, encoder) once, or read its cache; return them by (task, encoder), and the log."""
     embeddings: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    embedding_log: list[dict[str, Any]] = []
+    log: list[dict[str, Any]] = []
     for encoder in encoders:
         for entry in prepared:
             task = entry.task
@@ -250,7 +246,7 @@ def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
                     progress=config.progress,
                 )
                 embeddings.setdefault((task.name, encoder.name), {})[sample] = result.embeddings
-                embedding_log.append(
+                log.append(
                     {
                         "task": task.name,
                         "encoder": encoder.name,
@@ -265,8 +261,16 @@ def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
                 logger.info(
                     "%s / %s / %s: %s", task.name, encoder.name, sample, "cached" if result.from_cache else "embedded"
                 )
-    embedded = time.perf_counter()
+    return embeddings, log
 
+
+def _regress_all(
+    config: BenchConfig,
+    prepared: Sequence[PreparedTask],
+    encoders: Sequence[Encoder],
+    embeddings: Mapping[tuple[str, str], dict[str, np.ndarray]],
+) -> list[RegressionResult]:
+    """Step 4: fit and score every task x encoder x regressor on the folds of its task."""
     results = []
     for entry in prepared:
         for encoder in encoders:
@@ -286,20 +290,55 @@ def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
                     )
                 )
                 logger.info("%s / %s / %s: r = %.4f", entry.task.name, encoder.name, regressor, results[-1].mean)
+    return results
+
+
+def _settings(config: BenchConfig, device: str, precision: str) -> dict[str, Any]:
+    """Return the run's settings as the results record them."""
+    return {
+        "regressors": list(config.regressors),
+        "preprocessing": config.preprocessing,
+        "store_root": str(config.store_root) if config.store_root is not None else None,
+        "device": device,
+        "precision": precision,
+        "batch_size": config.batch_size,
+        "cache": config.cache,
+        "seed": config.seed,
+    }
+
+
+def run_benchmark(config: BenchConfig | str | Path) -> BenchResults:
+    """Run the benchmark and, when ``config.output`` is set, write its results there.
+
+    The steps of the module docstring, in order and each timed (``timings`` of the results): checks (tasks,
+    stores, genes, encoders), embedding, regression.
+
+    Examples
+    --------
+    >>> from hest_zarr.bench import BenchConfig, run_benchmark
+    >>> results = run_benchmark(BenchConfig(  # doctest: +SKIP
+    ...     tasks=["hest_zarr/bench/tasks/MOB_ST_v1"], store_root="stores",
+    ...     encoders=[{"kind": "efficientnet-lite0"}], output="results"))
+    >>> results.result("MOB_ST_v1", "efficientnet_lite0", "pca_ridge").mean  # doctest: +SKIP
+
+    """
+    started = time.perf_counter()
+    if not isinstance(config, BenchConfig):
+        config = load_config(config)
+    _check_names(config)
+    prepared = _load_tasks(config)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    encoders = _build_encoders(config, device)
+    checked = time.perf_counter()
+    embeddings, embedding_log = _embed_all(config, prepared, encoders, precision)
+    embedded = time.perf_counter()
+    results = _regress_all(config, prepared, encoders, embeddings)
     finished = time.perf_counter()
 
     bench = BenchResults(
         protocol=protocol_record(PRESETS[config.preprocessing], config.seed),
-        settings={
-            "regressors": list(config.regressors),
-            "preprocessing": config.preprocessing,
-            "store_root": str(config.store_root) if config.store_root is not None else None,
-            "device": str(device),
-            "precision": precision,
-            "batch_size": config.batch_size,
-            "cache": config.cache,
-            "seed": config.seed,
-        },
+        settings=_settings(config, str(device), precision),
         tasks=[
             {**entry.task.to_dict(), "n_spots": {sample: len(s.ids) for sample, s in entry.spots.items()}}
             for entry in prepared

@@ -36,11 +36,31 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Items:
-    """Turn cut patches into dataset items (shared by both datasets)."""
+    """The stores' patch plans and how cut patches become items (shared by both datasets; see their parameters)."""
 
-    samples: list[SamplePatches]
-    transform: Transform | None
-    target_transform: Transform | None
+    def __init__(
+        self,
+        stores: str | Path | Sequence[str | Path] | Sequence[SamplePatches],
+        *,
+        genes: Sequence[str] | None = None,
+        transform: Transform | None = None,
+        target_transform: Transform | None = None,
+        element: str = Elements.SPOTS,
+        size_px: int = DEFAULT_SIZE_PX,
+        pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+        in_tissue_only: bool = False,
+        storage_options: StorageOptions = None,
+    ) -> None:
+        options = {
+            "genes": genes,
+            "element": element,
+            "size_px": size_px,
+            "pixel_size_um": pixel_size_um,
+            "in_tissue_only": in_tissue_only,
+            "storage_options": storage_options,
+        }
+        self.samples = _samples(stores, options)
+        self.transform, self.target_transform = transform, target_transform
 
     def _item(self, sample: SamplePatches, index: int, pixels: np.ndarray) -> dict[str, Any]:
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
@@ -88,29 +108,8 @@ class PatchDataset(_Items, Dataset):
 
     """
 
-    def __init__(
-        self,
-        stores: str | Path | Sequence[str | Path] | Sequence[SamplePatches],
-        *,
-        genes: Sequence[str] | None = None,
-        transform: Transform | None = None,
-        target_transform: Transform | None = None,
-        element: str = Elements.SPOTS,
-        size_px: int = DEFAULT_SIZE_PX,
-        pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-        in_tissue_only: bool = False,
-        storage_options: StorageOptions = None,
-    ) -> None:
-        options = {
-            "genes": genes,
-            "element": element,
-            "size_px": size_px,
-            "pixel_size_um": pixel_size_um,
-            "in_tissue_only": in_tissue_only,
-            "storage_options": storage_options,
-        }
-        self.samples = _samples(stores, options)
-        self.transform, self.target_transform = transform, target_transform
+    def __init__(self, stores: str | Path | Sequence[str | Path] | Sequence[SamplePatches], **options: Any) -> None:
+        super().__init__(stores, **options)
         self._offsets = np.cumsum([0] + [len(sample.plan) for sample in self.samples])
 
     def __len__(self) -> int:
@@ -168,32 +167,16 @@ class IterablePatchDataset(_Items, IterableDataset):
         self,
         stores: str | Path | Sequence[str | Path] | Sequence[SamplePatches],
         *,
-        genes: Sequence[str] | None = None,
-        transform: Transform | None = None,
-        target_transform: Transform | None = None,
-        element: str = Elements.SPOTS,
-        size_px: int = DEFAULT_SIZE_PX,
-        pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
-        in_tissue_only: bool = False,
-        storage_options: StorageOptions = None,
         shuffle: bool = False,
         seed: int = 0,
         bands_per_unit: int = 4,
         rank: int = 0,
         world_size: int = 1,
+        **options: Any,
     ) -> None:
-        options = {
-            "genes": genes,
-            "element": element,
-            "size_px": size_px,
-            "pixel_size_um": pixel_size_um,
-            "in_tissue_only": in_tissue_only,
-            "storage_options": storage_options,
-        }
         if not 0 <= rank < world_size:
             raise InputError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.samples = _samples(stores, options)
-        self.transform, self.target_transform = transform, target_transform
+        super().__init__(stores, **options)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.bands_per_unit, self.rank, self.world_size = max(1, bands_per_unit), rank, world_size
 

@@ -97,7 +97,11 @@ class SamplePatches:
     def read(
         self, indices: np.ndarray | None = None, *, batch_size: int = 16, pad_value: int = 255
     ) -> Iterator[PatchBatch]:
-        """Cut the patches of the plan (or of ``indices`` into it, whose positions the batches' ``indices`` give)."""
+        """Cut the plan's patches, or only those at ``indices`` in it (see :func:`hest_zarr.ops.patch.read_patches`).
+
+        With ``indices``, a batch's ``indices`` are positions in ``indices``: ``indices[batch.indices]`` are plan
+        positions.
+        """
         plan = self.plan if indices is None else self.plan.subset(indices)
         return cut_patches(plan, self.reader, batch_size=batch_size, pad_value=pad_value)
 
@@ -162,12 +166,13 @@ def extract_patches(
         storage_options=storage_options,
         workers=workers,
     )
+    reader = sample.reader  # opened now, as the plan is: a store that goes away later fails on its chunks
 
     def batches() -> Iterator[PatchBatch]:
         try:
             yield from sample.read(batch_size=batch_size, pad_value=pad_value)
         finally:
-            sample.close()
+            reader.close()
 
     return sample.plan, batches()
 

@@ -17,9 +17,12 @@ import hest_zarr  # noqa: E402
 from hest_zarr.bench.embed import embeddings_table  # noqa: E402
 from hest_zarr.converters import read_visium  # noqa: E402
 from hest_zarr.errors import InputError  # noqa: E402
-from hest_zarr.ops.patch import extract_patches  # noqa: E402
 from hest_zarr.schemas import Provenance  # noqa: E402
-from hest_zarr.stream import IterablePatchDataset, PatchDataset  # noqa: E402
+from hest_zarr.stream import (  # noqa: E402
+    IterablePatchDataset,
+    PatchDataset,
+    extract_patches,
+)
 
 GENES = ["Sox11", "Pdia3", "Basp1"]
 

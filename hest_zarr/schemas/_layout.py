@@ -3,7 +3,11 @@
 The record (``StoreRecord``) lives in the root group's attributes under ``hest_zarr`` and carries the
 schema version, the sample metadata, the pixel size behind the ``um`` coordinate system and the
 provenance of every element. Readers dispatch on ``schema_version`` (as spatialdata does on its
-format versions); a version this package does not know is refused with a clear error.
+format versions); a version this package does not know is refused with a clear error
+(``hest_zarr.store._read``).
+
+This module says which names the layout knows and what kind each must be (:func:`expected_kind`,
+:func:`annotated_region`); :func:`hest_zarr.elements.validate_sample` checks a whole sample against it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     HEST_ZARR_VERSION = "0.0.0+unknown"
 
 SCHEMA_VERSION = "1.0.0"
-#: Versions this package reads. A new version adds its model here and a migration in ``store``.
+#: Versions this package reads. A new version adds its model here and a migration in ``store._read``.
 SUPPORTED_SCHEMA_VERSIONS: tuple[str, ...] = (SCHEMA_VERSION,)
 
 ElementKind = Literal["images", "labels", "points", "shapes", "tables"]
@@ -39,8 +43,9 @@ ELEMENT_KINDS: dict[str, ElementKind] = {
     Elements.TRANSCRIPTS: "points",
     Elements.SPOT_EXPRESSION: "tables",
     Elements.CELL_EXPRESSION: "tables",
-    # Xenium (converters/xenium.py): label rasters of cells.zarr.zip, their label -> cell id table, and the protein
-    # intensities of Xenium Protein (floats, annotating cells: hence not in TABLE_REGIONS, whose tables hold counts)
+    # Xenium (converters/_xenium_labels.py, _xenium_matrix.py): label rasters of cells.zarr.zip, their label -> cell
+    # id table, and the protein intensities of Xenium Protein (floats, annotating cells: hence not in TABLE_REGIONS,
+    # whose tables hold counts)
     "nucleus_labels": "labels",
     "cell_labels": "labels",
     "label_cell_ids": "tables",

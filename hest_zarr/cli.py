@@ -223,15 +223,24 @@ def patch(
     h5: Annotated[Path | None, typer.Option(help="Also export HEST's patches .h5 layout here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing patch store.")] = False,
     storage_options: StorageOptionsOption = None,
+    out_storage_options: Annotated[
+        str | None,
+        typer.Option(
+            "--out-storage-options",
+            help="fsspec options (JSON) of the patch store (default: --storage-options when on the same protocol).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Cut a patch around every spot (or grid tile) and write them to a patch store."""
     from hest_zarr.converters.hest_patches import export_hest_h5
-    from hest_zarr.store import open_patches
+    from hest_zarr.store import open_patches, output_storage_options
     from hest_zarr.workflows.patch import write_patches
 
     with _clear_errors():
         _check_output_folder(h5)
+        options = _storage_options(storage_options)
+        out_options = output_storage_options(output, url, options, _storage_options(out_storage_options))
         written = write_patches(
             url,
             output,
@@ -241,10 +250,11 @@ def patch(
             in_tissue_only=in_tissue_only,
             codec=codec.value,
             overwrite=overwrite,
-            storage_options=_storage_options(storage_options),
+            storage_options=options,
+            out_storage_options=out_options,
             progress=progress,
         )
-        patches = open_patches(written)
+        patches = open_patches(written, out_options)
         if h5 is not None:
             export_hest_h5(patches, h5)
     attributes = patches.attributes

@@ -35,7 +35,7 @@ from hest_zarr.store._chunks import (
     open_levels,
 )
 from hest_zarr.store._commit import check_target
-from hest_zarr.store._location import StorageOptions
+from hest_zarr.store._location import StorageOptions, output_storage_options
 from hest_zarr.store._patches import PatchBatches, PatchCodec, Patches, open_patches, write_patch_store
 from hest_zarr.store._points import DEFAULT_BATCH_ROWS, iter_parquet_batches, parquet_files, points_parquet, read_record
 from hest_zarr.store._raster import DEFAULT_CHUNK_SIZE, PYRAMID_MIN_SIDE, image_from_levels, pyramid_shapes
@@ -70,6 +70,7 @@ __all__ = [
     "open",
     "open_levels",
     "open_patches",
+    "output_storage_options",
     "parquet_files",
     "points_parquet",
     "pyramid_shapes",

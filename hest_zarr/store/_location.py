@@ -110,3 +110,26 @@ def open_zarr_group(location: Location, mode: str = "r") -> zarr.Group:
     options = chunk_read_options(location)
     store = zarr.storage.FsspecStore.from_url(location.url, storage_options=options or None, read_only=(mode == "r"))
     return zarr.open_group(store, mode=mode, zarr_format=3)
+
+
+def output_storage_options(
+    out: str | Path, source: str | Path, storage_options: StorageOptions, out_storage_options: StorageOptions
+) -> StorageOptions:
+    """Return a command's output options: its own when given, else the input's when both share the protocol.
+
+    So ``--storage-options`` reaches every URL of a command that shares the input's filesystem (an output on the
+    same S3 endpoint goes there, not to whatever endpoint the environment's credentials would pick), and never a
+    local output path, which takes no such options.
+
+    Examples
+    --------
+    >>> output_storage_options("s3://b/p.zarr", "s3://b/s.zarr", {"anon": True}, None)
+    {'anon': True}
+    >>> output_storage_options("p.zarr", "s3://b/s.zarr", {"anon": True}, None) is None
+    True
+
+    """
+    if out_storage_options is not None:
+        return out_storage_options
+    same = fsspec.core.split_protocol(str(out))[0] == fsspec.core.split_protocol(str(source))[0]
+    return storage_options if same else None

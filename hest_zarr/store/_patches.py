@@ -6,7 +6,7 @@ were cut (level, pixel sizes, resampling) and from which store and element.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,14 +16,13 @@ import zarr
 from tqdm.auto import tqdm
 
 from hest_zarr.errors import InputError
-from hest_zarr.store._commit import commit_store, prepare_target, staging_directory
+from hest_zarr.store._commit import PATCH_ATTRIBUTES, commit_store, prepare_target, staging_directory
 from hest_zarr.store._location import StorageOptions, locate, network_errors, open_zarr_group
 from hest_zarr.store.codecs import ImagecodecsJpeg
 
 PatchCodec = Literal["zstd", "jpeg"]
 #: Batches of ``(ids, top-left coords, (n, H, W, 3) pixels)``, in the order they are written.
 PatchBatches = Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
-PATCH_ATTRIBUTES = "hest_zarr_patches"
 
 
 def write_patch_store(
@@ -37,10 +36,13 @@ def write_patch_store(
     overwrite: bool = False,
     storage_options: StorageOptions = None,
     progress: bool = False,
+    inputs: Sequence[str | Path] = (),
+    input_storage_options: StorageOptions = None,
 ) -> str:
     """Write ``n`` patches of ``size_px`` to a new patch store, staged then committed; return its URL.
 
-    Refuses an existing target unless ``overwrite`` (and never replaces anything that is not a zarr store).
+    Refuses an existing target unless ``overwrite``, and never replaces one of the write's ``inputs`` (read with
+    ``input_storage_options``) or anything but a patch store (see :func:`~hest_zarr.store.check_target`).
 
     Examples
     --------
@@ -48,7 +50,9 @@ def write_patch_store(
     ...                   attributes={"size_px": 4})  # doctest: +SKIP
 
     """
-    target, exists = prepare_target(out, overwrite, storage_options)
+    target, exists = prepare_target(
+        out, overwrite, storage_options, kind="patches", inputs=inputs, input_storage_options=input_storage_options
+    )
     with staging_directory(target) as staging:
         _write_patch_group(staging, n, size_px, batches, codec, attributes, progress)
         commit_store(staging, target, replace=exists)

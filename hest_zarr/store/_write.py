@@ -71,7 +71,7 @@ def write(
     missing = [name for _, name, _ in sdata.gen_elements() if name not in record.elements]
     if missing:
         raise HestZarrError(f"elements {missing} have no provenance in the record; add an ElementRecord for each")
-    location, exists = prepare_target(url, overwrite, storage_options)
+    location, exists = prepare_target(url, overwrite, storage_options, kind="sample")
     with staging_directory(location) as staging:
         _write_staged(sdata, staging, image_codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
         commit_store(staging, location, replace=exists)

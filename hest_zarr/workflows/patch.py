@@ -7,7 +7,7 @@ from pathlib import Path
 from hest_zarr.elements import Elements
 from hest_zarr.ops.patch import DEFAULT_PIXEL_SIZE_UM, DEFAULT_SIZE_PX
 from hest_zarr.schemas import HEST_ZARR_VERSION
-from hest_zarr.store import PatchCodec, StorageOptions, check_target, write_patch_store
+from hest_zarr.store import PatchCodec, StorageOptions, check_target, output_storage_options, write_patch_store
 from hest_zarr.stream import extract_patches
 
 
@@ -45,11 +45,12 @@ def write_patches(
     codec
         Codec of the patch images.
     overwrite
-        Replace an existing patch store.
+        Replace an existing patch store (never the sample itself, a sample store or anything but a patch store).
     workers
         Concurrent chunk reads (default :func:`hest_zarr.store.chunk_workers`).
     storage_options, out_storage_options
-        fsspec options of the sample store and of the patch store.
+        fsspec options of the sample store and of the patch store (default: the sample's, when both URLs use the
+        same protocol; see :func:`hest_zarr.store.output_storage_options`).
     progress
         Show a progress bar.
 
@@ -62,7 +63,9 @@ def write_patches(
     >>> write_patches("sample.zarr", "sample_patches.zarr")  # doctest: +SKIP
 
     """
-    check_target(out, overwrite, out_storage_options)  # refuse before the work, not after it
+    out_options = output_storage_options(out, url, storage_options, out_storage_options)
+    # refuse before the work, not after it: an existing target, the input itself, anything but a patch store
+    check_target(out, overwrite, out_options, kind="patches", inputs=[url], input_storage_options=storage_options)
     plan, batches = extract_patches(
         url,
         element=element,
@@ -94,6 +97,8 @@ def write_patches(
         attributes=attributes,
         codec=codec,
         overwrite=overwrite,
-        storage_options=out_storage_options,
+        storage_options=out_options,
+        inputs=[url],
+        input_storage_options=storage_options,
         progress=progress,
     )

@@ -35,7 +35,7 @@ from spatialdata import SpatialData
 
 from hest_zarr.converters._images import he_image
 from hest_zarr.converters._spaceranger import POSITION_COLUMNS
-from hest_zarr.converters._tables import compact_integers, infer_species, read_delimited_table
+from hest_zarr.converters._tables import SpotPlacement, compact_integers, infer_species, read_delimited_table
 from hest_zarr.converters._tenx import read_anndata_counts, read_counts
 from hest_zarr.converters.visium import VISIUM_SPOT_DIAMETER_UM
 from hest_zarr.elements import Elements, Keys, circle_spots, expression_table, spot_sample
@@ -348,17 +348,6 @@ def array_positions_um(array_xy: np.ndarray, technology: str, inter_spot_dist_um
 
 
 # --------------------------------------------------------------------------------------------- converter
-@dataclass(frozen=True)
-class _Placement:
-    """Where the spots sit: centres in ``global``, its pixel size, how it was found and its provenance parameters."""
-
-    centres: np.ndarray
-    pixel_size: float
-    method: str
-    parameters: dict[str, Any]
-    error_um: float | None = None
-
-
 def _read_inputs(
     expression_path: Path, coordinates: str | Path | None, kind: CoordinateKind, flip_y: bool | None
 ) -> tuple[AnnData | pd.DataFrame, _Coordinates, str, list[str]]:
@@ -401,7 +390,7 @@ def _place_spots(
     inter_spot_dist_um: float,
     pixel_size_um: float | None,
     source: str,
-) -> _Placement:
+) -> SpotPlacement:
     """Place the spots: array positions on the technology's lattice in micrometres, else at their pixels.
 
     The pixel size of pixel coordinates is the caller's, else the affine fit of array to pixel positions when the
@@ -413,7 +402,7 @@ def _place_spots(
                 f"{source}: holds array coordinates, which cannot be placed on {Path(image).name}; "
                 "give a table with pixel coordinates"
             )
-        return _Placement(
+        return SpotPlacement(
             centres=array_positions_um(coords.xy[rows], technology, inter_spot_dist_um, source),
             pixel_size=1.0,
             method=f"array positions on the {technology} lattice; no image: global = micrometres",
@@ -436,7 +425,9 @@ def _place_spots(
         method = "pixel coordinates; pixel size from the median nearest-neighbour spacing"
         parameters.update(details)
     parameters["global_units"] = "image pixels" if image is not None else "pixels of the coordinate table"
-    return _Placement(centres=centres, pixel_size=pixel_size, method=method, parameters=parameters, error_um=error_um)
+    return SpotPlacement(
+        centres=centres, pixel_size=pixel_size, method=method, parameters=parameters, error_um=error_um
+    )
 
 
 def read_legacy(
@@ -525,7 +516,9 @@ def read_legacy(
         **placement.parameters,
     }
     obs_columns = {key: compact_integers(values[rows]) for key, values in coords.obs.items()}
-    spot_shapes = circle_spots(placement.centres, spot_diameter_um / 2 / pixel_size, spot_ids, pixel_size)
+    spot_shapes = circle_spots(
+        placement.centres, spot_diameter_um / 2 / pixel_size, spot_ids, pixel_size, source=source
+    )
     table = expression_table(adata.X, spot_ids, adata.var, obs_columns=obs_columns, source=str(expression_path))
     spot_inputs = [str(expression_path), *coordinate_inputs]
     inputs: dict[str, list[str]] = {Elements.SPOTS: spot_inputs, Elements.SPOT_EXPRESSION: spot_inputs}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from hest_zarr.converters._images import he_image
-from hest_zarr.converters._tables import compact_integers, infer_species, read_delimited_table
+from hest_zarr.converters._tables import SpotPlacement, compact_integers, infer_species, read_delimited_table
 from hest_zarr.elements import Elements, Keys, circle_spots, expression_table, spot_sample
 from hest_zarr.elements.lattice import ST_GRID_PITCH_UM, UM_PER_ARRAY_UNIT, fit_lattice
 from hest_zarr.errors import InputError
@@ -133,21 +132,9 @@ def _match_alignment(
     return rows, matched_on
 
 
-@dataclass(frozen=True)
-class _Placement:
-    """Where the spots sit: centres in ``global``, its pixel size, how, and what it adds to the spots' table."""
-
-    centres: np.ndarray
-    pixel_size: float
-    method: str
-    parameters: dict[str, Any]
-    obs_columns: dict[str, np.ndarray] = field(default_factory=dict)
-    error_um: float | None = None
-
-
-def _grid_placement(spot_xy: np.ndarray, design: str, um_per_unit: float) -> _Placement:
+def _grid_placement(spot_xy: np.ndarray, design: str, um_per_unit: float) -> SpotPlacement:
     """Place the spots on the array grid, in micrometres (no alignment table: ``global`` is micrometres)."""
-    return _Placement(
+    return SpotPlacement(
         centres=spot_xy * um_per_unit,
         pixel_size=1.0,
         method=f"array ids on the ST {design} grid ({um_per_unit:g} um per array unit); no image: global = micrometres",
@@ -155,7 +142,9 @@ def _grid_placement(spot_xy: np.ndarray, design: str, um_per_unit: float) -> _Pl
     )
 
 
-def _aligned_placement(spot_xy: np.ndarray, alignment_path: Path, counts_name: str, um_per_unit: float) -> _Placement:
+def _aligned_placement(
+    spot_xy: np.ndarray, alignment_path: Path, counts_name: str, um_per_unit: float
+) -> SpotPlacement:
     """Place the spots by the spot detector's alignment table: matched rows exactly, the others by the affine fit."""
     table = _read_alignment(alignment_path)
     rows, matched_on = _match_alignment(spot_xy, table, alignment_path, counts_name)
@@ -176,7 +165,7 @@ def _aligned_placement(spot_xy: np.ndarray, alignment_path: Path, counts_name: s
         selected = table["selected"].to_numpy(dtype=np.int32)
         obs_columns[Keys.IN_TISSUE] = np.where(matched, selected[np.maximum(rows, 0)], 0).astype(np.int32)
     obs_columns["position_fitted"] = ~matched
-    return _Placement(
+    return SpotPlacement(
         centres=centres,
         pixel_size=fit.pixel_size_um,
         method=(
@@ -273,7 +262,9 @@ def read_st_v1(
         **placement.parameters,
     }
     pixel_size = placement.pixel_size
-    spots = circle_spots(placement.centres, ST_SPOT_DIAMETER_UM / 2 / pixel_size, spot_ids, pixel_size)
+    spots = circle_spots(
+        placement.centres, ST_SPOT_DIAMETER_UM / 2 / pixel_size, spot_ids, pixel_size, source=str(counts_path)
+    )
     table_parameters: dict[str, Any] = {"counts_orientation": orientation}
     species = infer_species(frame.columns)
     if species is not None:

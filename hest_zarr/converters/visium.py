@@ -344,7 +344,11 @@ def read_visium(
     positions = positions_for_barcodes(placement.positions, adata.obs_names, placement.source, counts_path)
     centres = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     spots = circle_spots(
-        centres, VISIUM_SPOT_DIAMETER_UM / pixel_size_um / 2, adata.obs_names.astype(str), pixel_size_um
+        centres,
+        VISIUM_SPOT_DIAMETER_UM / pixel_size_um / 2,
+        adata.obs_names.astype(str),
+        pixel_size_um,
+        source=str(placement.source),
     )
     table = spot_expression(adata, positions, counts_path)
     inputs: dict[str, list[str]] = {Elements.SPOTS: placement.inputs, Elements.SPOT_EXPRESSION: placement.inputs}

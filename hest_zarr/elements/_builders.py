@@ -69,21 +69,42 @@ def _spot_index(ids: Sequence[str]) -> pd.Index:
     return index
 
 
+def _check_spots(centres_xy: np.ndarray, sizes: np.ndarray, ids: pd.Index, source: str) -> None:
+    """Refuse spots whose centre or size is not a finite number (a NaN would become a patch at -2**63)."""
+    bad = ~(np.isfinite(centres_xy).all(axis=1) & np.isfinite(sizes) & (sizes > 0))
+    if bad.any():
+        raise InputError(
+            f"{source}: {int(bad.sum())} of {len(ids)} spots have a non-finite position or a size that is not a "
+            f"positive number (e.g. spot {ids[bad][0]!r} at {centres_xy[bad][0].tolist()}, size {sizes[bad][0]})"
+        )
+
+
 def circle_spots(
     centres_xy: np.ndarray,
     radius_px: float | np.ndarray,
     ids: Sequence[str],
     pixel_size_um: float,
     to_global: BaseTransformation | None = None,
+    *,
+    source: str = "spots",
 ) -> GeoDataFrame:
-    """Spots as circles (Visium, ST v1): centres ``(x, y)`` in the element's pixels, ids as the index."""
-    centres_xy = np.asarray(centres_xy, dtype=np.float64)
+    """Spots as circles (Visium, ST v1): centres ``(x, y)`` in the element's pixels, ids as the index.
+
+    Raises
+    ------
+    InputError
+        Duplicated ids, or a centre or radius that is not finite (``source`` names the file in the message).
+
+    """
+    centres_xy = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
     radius = np.broadcast_to(np.asarray(radius_px, dtype=np.float64), (len(centres_xy),)).copy()
+    index = _spot_index(ids)
+    _check_spots(centres_xy, radius, index, source)
     return ShapesModel.parse(
         centres_xy,
         geometry=0,
         radius=radius,
-        index=_spot_index(ids),
+        index=index,
         transformations=frame_transformations(pixel_size_um, to_global),
     )
 
@@ -94,12 +115,16 @@ def square_spots(
     ids: Sequence[str],
     pixel_size_um: float,
     to_global: BaseTransformation | None = None,
+    *,
+    source: str = "spots",
 ) -> GeoDataFrame:
-    """Spots as axis-aligned squares (Visium HD bins, Xenium pseudo-spots), ids as the index."""
-    centres_xy = np.asarray(centres_xy, dtype=np.float64)
+    """Spots as axis-aligned squares (Visium HD bins, Xenium pseudo-spots), ids as the index (checks as circles)."""
+    centres_xy = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
+    index = _spot_index(ids)
+    _check_spots(centres_xy, np.full(len(centres_xy), float(side_px)), index, source)
     half = side_px / 2
     geometry = box(centres_xy[:, 0] - half, centres_xy[:, 1] - half, centres_xy[:, 0] + half, centres_xy[:, 1] + half)
-    frame = GeoDataFrame(geometry=geometry, index=_spot_index(ids))
+    frame = GeoDataFrame(geometry=geometry, index=index)
     return ShapesModel.parse(frame, transformations=frame_transformations(pixel_size_um, to_global))
 
 

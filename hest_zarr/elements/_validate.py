@@ -72,6 +72,30 @@ def validate_sample(sdata: SpatialData) -> list[Problem]:
             problems.append(Problem(name, "kind", f"record says {entry.get('kind')}, store holds {present[name]}"))
     for name, table in sdata.tables.items():
         problems.extend(_check_table(sdata, name, table))
+    for name, shapes in sdata.shapes.items():
+        problems.extend(_check_shapes(name, shapes))
+    return problems
+
+
+def _check_shapes(name: str, shapes: Any) -> list[Problem]:
+    """Every geometry has finite coordinates, and circles a finite positive radius."""
+    problems = []
+    if len(shapes):
+        bounds = shapes.geometry.bounds.to_numpy()
+        bad = ~np.isfinite(bounds).all(axis=1) | shapes.geometry.is_empty.to_numpy()
+        if bad.any():
+            first = shapes.index[bad][0]
+            problems.append(
+                Problem(name, "geometry", f"{int(bad.sum())} shapes without finite coordinates (e.g. {first!r})")
+            )
+        if "radius" in shapes.columns:
+            radius = shapes["radius"].to_numpy(dtype=float)
+            bad = ~(np.isfinite(radius) & (radius > 0))
+            if bad.any():
+                first = shapes.index[bad][0]
+                problems.append(
+                    Problem(name, "radius", f"{int(bad.sum())} radii not finite and positive (e.g. {first!r})")
+                )
     return problems
 
 

@@ -368,3 +368,24 @@ def test_spots_of_one_row_fall_back(perik_visium: Path) -> None:
         pixel_size, parameters = spot_lattice_pixel_size(one_row, 14.964878633873417, "row40")
     assert pixel_size == 65 / 14.964878633873417
     assert parameters["pixel_size_method"] == "65 um / spot_diameter_fullres (too few spots)"
+
+
+def test_a_non_finite_spot_position_is_refused_naming_the_positions_file(tmp_path, scanpy_visium) -> None:
+    """A copy of the real scanpy sample whose positions file has one empty pixel column (read as NaN)."""
+    import shutil
+
+    copy = tmp_path / "outs"
+    shutil.copytree(scanpy_visium, copy)
+    positions = copy / "spatial" / "tissue_positions_list.csv"
+    barcode = str(read_visium(scanpy_visium, include_image=False)["spots"].index[0])
+    lines = positions.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.split(",")[0] == barcode)
+    fields = lines[row].split(",")
+    fields[5] = ""  # pxl_col_in_fullres
+    lines[row] = ",".join(fields)
+    positions.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        InputError, match=r"tissue_positions_list\.csv: 1 of \d+ spots have a non-finite position"
+    ) as raised:
+        read_visium(copy)
+    assert repr(barcode) in str(raised.value)

@@ -1,14 +1,15 @@
-"""Bare text tables, shared by the ST v1 and legacy-table converters.
+"""Bare text tables and where their spots sit, shared by the ST v1 and legacy-table converters.
 
-:func:`read_delimited_table` reads a CSV/TSV/TXT table with any delimiter, :func:`compact_integers` stores
-integer-valued columns (array positions, flags) as integers and :func:`infer_species` tells the species from gene
-names where it is unambiguous.
+:class:`SpotPlacement` is where a table's spots were placed; :func:`read_delimited_table` reads a CSV/TSV/TXT
+table with any delimiter, :func:`compact_integers` stores integer-valued columns (array positions, flags) as
+integers and :func:`infer_species` tells the species from gene names where it is unambiguous.
 """
 
 from __future__ import annotations
 
 import gzip
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,22 @@ from hest_zarr.errors import InputError
 #: Fewest genes, and the agreeing fraction of them, for :func:`infer_species` to name a species.
 MIN_SPECIES_GENES = 20
 SPECIES_AGREEMENT = 0.9
+
+
+@dataclass(frozen=True)
+class SpotPlacement:
+    """Where a table's spots sit, and how that was found.
+
+    ``centres`` are in ``global``; ``parameters`` go to the spots' provenance, ``obs_columns`` to their table;
+    ``error_um`` is the positional error in micrometres, when known.
+    """
+
+    centres: np.ndarray
+    pixel_size: float
+    method: str
+    parameters: dict[str, Any]
+    obs_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    error_um: float | None = None
 
 
 def read_delimited_table(

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hest_zarr.errors import HestZarrError
+from hest_zarr.errors import HestZarrError, redact
 
 app = typer.Typer(
     name="hest-zarr",
@@ -24,8 +24,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
+
+
+class _RedactingConsole(Console):
+    """A console that never prints URL credentials (:func:`hest_zarr.errors.redact` on every string)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = _RedactingConsole()
+errors = _RedactingConsole(stderr=True)
 
 #: Ecosystem warnings that say nothing actionable to a user of the command line.
 _QUIET_WARNINGS = (

@@ -6,9 +6,36 @@ found, so that the CLI can print it as one line.
 
 from __future__ import annotations
 
+import re
+
+#: ``scheme://user:password@`` in a URL.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+#: Query-string credentials: presigned S3/GCS URLs, Azure SAS signatures, bearer tokens.
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<key>\b(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential"
+    r"|sig|signature|token|access_token|sas)=)[^&\s#'\"]+"
+)
+
+
+def redact(text: str) -> str:
+    """Hide the credentials of every URL in ``text``: ``user:password@`` and query-string secrets.
+
+    Used for every message, log line, provenance entry and attribute that names a URL.
+
+    Examples
+    --------
+    >>> redact("https://me:pw@host/a.zarr?X-Amz-Signature=abc&x=1: no such store")
+    'https://***@host/a.zarr?X-Amz-Signature=***&x=1: no such store'
+
+    """
+    return _QUERY_SECRET.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", text))
+
 
 class HestZarrError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose; its message never shows URL credentials."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact(str(message)), *args)
 
 
 class StoreNotFoundError(HestZarrError, FileNotFoundError):

@@ -25,7 +25,7 @@ from anndata import AnnData
 from hest_zarr.bench.encoders import Encoder, Precision, resolve_precision
 from hest_zarr.bench.protocol import PATCH_PIXEL_SIZE_UM, PATCH_SIZE_PX
 from hest_zarr.elements import Elements, Keys, get_record
-from hest_zarr.errors import HestZarrError
+from hest_zarr.errors import HestZarrError, redact
 from hest_zarr.ops.patch import PatchPlan
 from hest_zarr.schemas import Provenance
 from hest_zarr.store import StorageOptions, add_elements
@@ -248,7 +248,7 @@ def _write_cache(
     device = encoder.device
     provenance = Provenance(
         converter=EMBED_OPERATOR,
-        inputs=[str(url)],
+        inputs=[redact(str(url))],
         method=f"patch encoder {encoder.name} ({encoder.fingerprint.get('kind')})",
         parameters={
             "fingerprint": fingerprint,

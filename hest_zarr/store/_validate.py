@@ -9,7 +9,7 @@ import numpy as np
 from spatialdata.transformations import get_transformation
 
 from hest_zarr.elements import Problem, get_record, image_levels, validate_sample
-from hest_zarr.errors import HestZarrError
+from hest_zarr.errors import HestZarrError, redact
 from hest_zarr.store._location import StorageOptions, locate, open_zarr_group
 from hest_zarr.store._read import open  # noqa: A004
 
@@ -99,7 +99,7 @@ def info(url: str | Path, storage_options: StorageOptions = None) -> dict[str, A
                 entry["geometry"] = sorted(set(element.geom_type.astype(str)))
         elements[name] = entry
     return {
-        "url": str(url),
+        "url": redact(str(url)),
         "schema_version": record.schema_version,
         "pixel_size_um": record.pixel_size_um,
         "metadata": record.metadata.model_dump(mode="json", exclude_none=True),

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from spatialdata import SpatialData
 
 from hest_zarr.elements import ElementUpdate, get_record, set_record
-from hest_zarr.errors import HestZarrError
+from hest_zarr.errors import HestZarrError, redact
 from hest_zarr.schemas import (
     ElementRecord,
     Keys,
@@ -223,7 +223,7 @@ def apply_update(url: str | Path, update: ElementUpdate, *, storage_options: Sto
     >>> apply_update("perik.zarr", segment_sample(sdata).update)  # doctest: +SKIP
 
     """
-    written = update.read_from(str(url))
+    written = update.read_from(redact(str(url)))  # provenance never records URL credentials
     with warnings.catch_warnings():  # tables may annotate shapes that stay in the store, not in the update
         warnings.filterwarnings("ignore", message=".*is annotating '.*', which is not present", category=UserWarning)
         add_elements(

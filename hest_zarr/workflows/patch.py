@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hest_zarr.elements import Elements
+from hest_zarr.errors import redact
 from hest_zarr.ops.patch import DEFAULT_PIXEL_SIZE_UM, DEFAULT_SIZE_PX
 from hest_zarr.schemas import HEST_ZARR_VERSION
 from hest_zarr.store import PatchCodec, StorageOptions, check_target, output_storage_options, write_patch_store
@@ -77,7 +78,7 @@ def write_patches(
         storage_options=storage_options,
     )
     attributes = {
-        "source": str(url),
+        "source": redact(str(url)),
         "element": element,
         "image": image,
         "size_px": size_px,

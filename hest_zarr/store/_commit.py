@@ -156,6 +156,9 @@ def remove_leftovers(target: Path) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         marker.unlink(missing_ok=True)
         cleaned.append(staging)
+    for marker in sorted(target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL}{WRITER}")):
+        if not marker.with_name(marker.name.removesuffix(WRITER)).exists() and not _alive(marker):
+            marker.unlink(missing_ok=True)  # a writer killed before it made its staging directory
     for retired in sorted(target.parent.glob(f".{glob.escape(target.name)}.*{RETIRED}")):
         if not target.exists():
             retired.rename(target)

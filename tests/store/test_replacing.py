@@ -96,6 +96,7 @@ def test_the_next_write_removes_what_a_killed_write_left_and_says_so(tmp_path, m
     alive = tmp_path / ".mob1.zarr.a11ve000.partial"  # a write still running (this process)
     alive.mkdir()
     (tmp_path / ".mob1.zarr.a11ve000.partial.writer").write_text(str(__import__("os").getpid()))
+    (tmp_path / ".mob1.zarr.0rphan00.partial.writer").write_text(dead.stdout.strip())  # killed before staging
     with pytest.warns(UserWarning, match=r"removed what an interrupted write left behind: \.mob1\.zarr\.0badf00d"):
         hest_zarr.write(mob1, target, chunk_size=256)
     assert not killed.exists() and not unmarked.exists() and alive.exists()

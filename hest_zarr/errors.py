@@ -58,8 +58,16 @@ class CorruptStoreError(HestZarrError):
     """A chunk or an element of the store cannot be decoded."""
 
 
+class ChunkChecksumError(CorruptStoreError, ValueError):
+    """A chunk's bytes do not match the crc32c stored with them."""
+
+
 class RemoteUnreachableError(HestZarrError, ConnectionError):
     """A remote store's server could not be reached."""
+
+
+class AccessDeniedError(HestZarrError, PermissionError):
+    """The server (or the file system) refused access: wrong or missing credentials, or no permission."""
 
 
 class InputError(HestZarrError, ValueError):

@@ -46,7 +46,7 @@ def test_validate_exit_codes_and_one_line_errors(scanpy_visium: Path, perik_visi
     result = runner.invoke(app, ["validate", str(out)])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "he: s0 chunk c/0/0/0: cannot be decoded" in lines[0], result.stderr
+    assert len(lines) == 1 and "he: images/he/s0/c/0/0/0: 7 bytes, the manifest records" in lines[0], result.stderr
     for args, message in (
         (["info", str(tmp_path / "missing.zarr")], "no such store"),
         (["info", str(scanpy_visium)], "not a zarr store"),

@@ -15,10 +15,14 @@ operators, streaming, the benchmark, workflows) reaches stores through the funct
 - **Points** (:func:`points_parquet`, :func:`parquet_files`, :func:`iter_parquet_batches`). A points element's
   parquet parts streamed by row group, without dask.
 - **Writing** (:func:`write`, :func:`add_elements`, :func:`write_patch_store`). Everything is staged on local
-  disk and committed by one path (``_commit``): one ``rename`` locally; an upload with the root ``zarr.json``
-  last remotely, so an interrupted upload leaves no root metadata and :func:`open` refuses it as incomplete.
+  disk, sealed with a manifest (``_manifest``: every object's size and crc32c, every array's chunks, every
+  table's counts) and committed by one path (``_commit``): one ``rename`` for a local store; a journaled move or
+  copy for added elements and replaced remote stores, which :func:`repair` finishes after an interruption.
+- **Integrity.** Every array chunk ends with zarr v3's ``crc32c`` codec. :func:`open` checks the store's objects
+  against its manifest by listing and its tables' counts after reading; :class:`ChunkReader` verifies each chunk's
+  checksum and refuses a missing chunk the manifest lists.
 - **Checking** (:func:`validate`, :func:`info`). :func:`hest_zarr.elements.validate_sample` on what was opened,
-  then every image chunk decoded.
+  the manifest (presence by listing; with ``check_data`` every object's crc32c), then every chunk decoded.
 - **Patch stores** (:func:`write_patch_store`, :func:`open_patches`): HEST's ``patches/<id>.h5`` layout in zarr.
 """
 
@@ -34,7 +38,7 @@ from hest_zarr.store._chunks import (
     chunk_workers,
     open_levels,
 )
-from hest_zarr.store._commit import check_target
+from hest_zarr.store._commit import check_target, repair
 from hest_zarr.store._location import StorageOptions, output_storage_options
 from hest_zarr.store._patches import PatchBatches, PatchCodec, Patches, open_patches, write_patch_store
 from hest_zarr.store._points import DEFAULT_BATCH_ROWS, iter_parquet_batches, parquet_files, points_parquet, read_record
@@ -75,6 +79,7 @@ __all__ = [
     "points_parquet",
     "pyramid_shapes",
     "read_record",
+    "repair",
     "set_record",
     "validate",
     "write",

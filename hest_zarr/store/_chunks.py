@@ -2,10 +2,11 @@
 
 Patching reads thousands of chunks; going through zarr's array API costs an event-loop round trip and
 a copy per chunk (about 35% of the decode rate here). This module reads the chunk objects directly and
-decodes the two codec chains our stores write (``bytes + zstd``; ``transpose + imagecodecs_jpeg``) with
-one C call each, both of which release the GIL, so a thread pool scales with the cores (and, remotely,
-hides the object-store latency). Any other array (sharded, other codecs, other key encodings) is read
-through zarr's own ``get_block_selection``: same result, slower.
+decodes the two codec chains our stores write (``bytes + zstd``; ``transpose + imagecodecs_jpeg``; each followed
+by ``crc32c``, verified first) with one C call each, both of which release the GIL, so a thread pool scales with
+the cores (and, remotely, hides the object-store latency). Any other array (sharded, other codecs, other key
+encodings) is read through zarr's own ``get_block_selection``: same result, slower. A chunk object that is missing
+but listed in the store's manifest is an error, not a tile of fill values.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import google_crc32c
 import imagecodecs
 import numpy as np
 import zarr
@@ -33,6 +35,7 @@ from hest_zarr.store._location import (
     network_errors,
     open_zarr_group,
 )
+from hest_zarr.store._manifest import read_manifest
 
 #: Remote bands in flight at once (each one concurrent request batch).
 REMOTE_PREFETCH_BANDS = 8
@@ -48,6 +51,8 @@ class LevelArray:
     array: zarr.Array
     location: Location
     path: str  # path of the array inside the store, e.g. "images/he/s0"
+    #: Keys of the chunk objects the store's manifest lists for this array (``None``: a store without manifest).
+    written: frozenset[str] | None = None
 
     @property
     def chunk_side(self) -> tuple[int, int]:
@@ -73,6 +78,28 @@ def _decoder(array: zarr.Array) -> Callable[[bytes, np.ndarray], np.ndarray] | N
     if type(encoding).__name__ != "DefaultChunkKeyEncoding" or encoding.separator != "/":
         return None
     names = [codec.to_dict()["name"] for codec in metadata.codecs]
+    if names[-1:] == ["crc32c"]:
+        decode = _decoder_of_chain(array, names[:-1])
+        return None if decode is None else _verifying_crc32c(decode)
+    return _decoder_of_chain(array, names)
+
+
+def _verifying_crc32c(decode: Callable[[bytes, np.ndarray], np.ndarray]) -> Callable[[bytes, np.ndarray], np.ndarray]:
+    """Wrap a decoder to check and strip the 4-byte little-endian crc32c that zarr's ``crc32c`` codec appends."""
+
+    def verify_then_decode(data: bytes, out: np.ndarray) -> np.ndarray:
+        view = np.frombuffer(data, np.uint8)  # no copy; imagecodecs takes arrays, not memoryviews
+        stored = int.from_bytes(view[-4:].tobytes(), "little")
+        computed = google_crc32c.value(view[:-4])
+        if stored != computed:
+            raise ValueError(f"fails its crc32c checksum (stored {stored:#010x}, computed {computed:#010x})")
+        return decode(view[:-4], out)
+
+    return verify_then_decode
+
+
+def _decoder_of_chain(array: zarr.Array, names: list[str]) -> Callable[[bytes, np.ndarray], np.ndarray] | None:
+    metadata = array.metadata
     channels, height, width = array.chunks
     if names == ["bytes", "zstd"]:
         scratch = threading.local()  # one planar buffer per decoding thread, warm in its cache
@@ -174,7 +201,17 @@ class ChunkReader:
 
     def _decode_fetched(self, fetched: Future[dict[ChunkKey, bytes | None]], key: ChunkKey) -> np.ndarray:
         data = fetched.result()[key]
-        return self._fill if data is None else self._decode_checked(data, key)
+        return self._missing(key) if data is None else self._decode_checked(data, key)
+
+    def _missing(self, key: ChunkKey) -> np.ndarray:
+        """Return the fill value for a chunk that was never written; raise for one the manifest lists."""
+        written = self.level.written
+        if written is not None and f"c/0/{key[0]}/{key[1]}" in written:
+            raise CorruptStoreError(
+                f"{self.level.location.url}: chunk {self.object_key(key)} is missing (the store's manifest lists it); "
+                "the store is damaged"
+            )
+        return self._fill
 
     def object_key(self, key: ChunkKey) -> str:
         return f"{self.level.path}/c/0/{key[0]}/{key[1]}"
@@ -183,12 +220,14 @@ class ChunkReader:
         """Fetch and decode one chunk (the fill value when the chunk object does not exist)."""
         if self._decode is None:
             height, width = self.level.chunk_side
+            if self.level.written is not None and f"c/0/{key[0]}/{key[1]}" not in self.level.written:
+                return self._missing(key)
             block = self.level.array[:, key[0] * height : (key[0] + 1) * height, key[1] * width : (key[1] + 1) * width]
             padded = self._fill.copy()
             padded[: block.shape[1], : block.shape[2]] = block.transpose(1, 2, 0)
             return padded
         data = self._fetch(key)
-        return self._fill if data is None else self._decode_checked(data, key)
+        return self._missing(key) if data is None else self._decode_checked(data, key)
 
     def _decode_checked(self, data: bytes, key: ChunkKey) -> np.ndarray:
         try:  # pop, not test then pop: another worker may take the last spare in between
@@ -241,9 +280,16 @@ def open_levels(url: str | Path, image: str = Elements.HE, storage_options: Stor
             raise InputError(f"{location.url}: the store holds no image '{image}'")
         group = root["images"][image]
         datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
-        return [
-            LevelArray(group[dataset["path"]], location, f"images/{image}/{dataset['path']}") for dataset in datasets
-        ]
+        manifest = read_manifest(location, root.attrs.asdict())
+    levels = []
+    for dataset in datasets:
+        path = f"images/{image}/{dataset['path']}"
+        written = None
+        if manifest is not None:
+            prefix = f"{path}/"
+            written = frozenset(key.removeprefix(prefix) for key in manifest.objects if key.startswith(prefix + "c/"))
+        levels.append(LevelArray(group[dataset["path"]], location, path, written))
+    return levels
 
 
 def chunk_workers(url: str | Path, storage_options: StorageOptions = None) -> int:

@@ -1,7 +1,8 @@
 """Patch stores: ``img`` (N x H x W x 3 uint8, one patch per chunk), ``barcode`` and ``coords``, committed atomically.
 
 The layout mirrors HEST's ``patches/<id>.h5``; the attributes (``hest_zarr_patches``) record how the patches
-were cut (level, pixel sizes, resampling) and from which store and element.
+were cut (level, pixel sizes, resampling) and from which store and element. Every chunk carries a crc32c and the
+store a manifest (``store._manifest``): a missing chunk is an error when the store is opened.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 from hest_zarr.errors import InputError
 from hest_zarr.store._commit import PATCH_ATTRIBUTES, commit_store, prepare_target, staging_directory
 from hest_zarr.store._location import StorageOptions, locate, network_errors, open_zarr_group
-from hest_zarr.store.codecs import ImagecodecsJpeg
+from hest_zarr.store._manifest import build_manifest, presence_problems, raise_problems, read_manifest, seal_store
+from hest_zarr.store.codecs import CHECKSUM, TABLE_COMPRESSORS, ImagecodecsJpeg
 
 PatchCodec = Literal["zstd", "jpeg"]
 #: Batches of ``(ids, top-left coords, (n, H, W, 3) pixels)``, in the order they are written.
@@ -71,9 +73,9 @@ def _write_patch_group(
     group = zarr.open_group(str(staging), mode="w", zarr_format=3)
     if codec == "jpeg":
         serializer: Any = ImagecodecsJpeg(level=90)
-        compressors: Any = None
+        compressors: Any = [CHECKSUM]
     else:
-        serializer, compressors = "auto", zarr.codecs.ZstdCodec(level=3)
+        serializer, compressors = "auto", TABLE_COMPRESSORS
     images = group.create_array(
         "img",
         shape=(n, size, size, 3),
@@ -92,9 +94,10 @@ def _write_patch_group(
             barcodes.append(ids)
             coords.append(top_left)
             bar.update(len(ids))
-    group.create_array("barcode", data=np.concatenate(barcodes).astype(str))
-    group.create_array("coords", data=np.concatenate(coords).astype(np.int64))
+    group.create_array("barcode", data=np.concatenate(barcodes).astype(str), compressors=TABLE_COMPRESSORS)
+    group.create_array("coords", data=np.concatenate(coords).astype(np.int64), compressors=TABLE_COMPRESSORS)
     group.attrs.update({PATCH_ATTRIBUTES: attributes})
+    seal_store(staging, build_manifest(staging, {}), consolidate=False)
 
 
 @dataclass
@@ -122,4 +125,7 @@ def open_patches(url: str | Path, storage_options: StorageOptions = None) -> Pat
         missing = sorted({"img", "barcode", "coords"} - set(root.keys()))
         if missing:
             raise InputError(f"{location.url}: a patch store without its {missing} array(s)")
+        manifest = read_manifest(location, root.attrs.asdict())
+        if manifest is not None:
+            raise_problems(location.url, presence_problems(location, manifest))
         return Patches(root["img"], root["barcode"][:], root["coords"][:], dict(root.attrs[PATCH_ATTRIBUTES]))

@@ -18,7 +18,16 @@ from hest_zarr.errors import (
     StoreNotFoundError,
 )
 from hest_zarr.schemas import ELEMENT_GROUPS, SUPPORTED_SCHEMA_VERSIONS, Keys
+from hest_zarr.store._commit import JOURNAL
 from hest_zarr.store._location import ROOT_METADATA, Location, StorageOptions, locate, network_errors, open_zarr_group
+from hest_zarr.store._manifest import (
+    Manifest,
+    checksum_problems,
+    presence_problems,
+    raise_problems,
+    read_manifest,
+    summary_problems,
+)
 from hest_zarr.store._raster import read_image_element
 
 
@@ -28,9 +37,10 @@ def read_root_attributes(location: Location) -> dict[str, Any]:
     with network_errors(url):
         try:
             raw = fs.cat_file(location.join(ROOT_METADATA))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raw = None
         if raw is None:
+            _refuse_unfinished(location)
             if not fs.exists(location.path):
                 raise StoreNotFoundError(f"{url}: no such store (nothing exists at this path)")
             if fs.isfile(location.path):
@@ -58,6 +68,28 @@ def read_root_attributes(location: Location) -> dict[str, Any]:
             f"(this hest-zarr reads {list(SUPPORTED_SCHEMA_VERSIONS)})"
         )
     return attributes
+
+
+def _refuse_unfinished(location: Location) -> None:
+    """Raise the error that says how to finish or redo a commit whose journal is still in the store."""
+    fs = location.fs
+    try:
+        raw = fs.cat_file(location.join(JOURNAL))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        kind = json.loads(raw).get("kind")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kind = None
+    if kind == "move":
+        raise IncompleteStoreError(
+            f"{location.url}: an interrupted write left this store half-replaced (the new version is complete "
+            f"beside it); finish it with `hest-zarr repair {location.url}`"
+        )
+    raise IncompleteStoreError(
+        f"{location.url}: incomplete store: the write that made it did not finish; write it again (the next write "
+        "to this URL replaces it)"
+    )
 
 
 def open(url: str | Path, storage_options: StorageOptions = None) -> SpatialData:  # noqa: A001
@@ -90,15 +122,29 @@ def open(url: str | Path, storage_options: StorageOptions = None) -> SpatialData
     """
     location = locate(url, storage_options)
     attributes = read_root_attributes(location)
+    manifest = read_manifest(location, attributes)
+    if manifest is not None:
+        raise_problems(location.url, presence_problems(location, manifest))
+    sdata = read_elements(location, attributes, manifest)
+    if manifest is not None:
+        raise_problems(location.url, summary_problems(sdata, manifest))
+    return sdata
+
+
+def read_elements(location: Location, attributes: dict[str, Any], manifest: Manifest | None) -> SpatialData:
+    """Read a store whose root attributes were read; a failure names the damaged object when the manifest can."""
     try:
         if location.is_local:
             import spatialdata
 
             return spatialdata.read_zarr(location.path)
         return _read_remote(location, attributes)
-    except HestZarrError:
-        raise
     except Exception as err:
+        if manifest is not None:  # name the object whose bytes changed, if one did
+            loaded = [key for key in manifest.objects if key.split("/")[0] in ("tables", "shapes")]
+            raise_problems(location.url, checksum_problems(location, manifest, loaded))
+        if isinstance(err, HestZarrError):
+            raise
         with network_errors(location.url):
             raise CorruptStoreError(f"{location.url}: cannot read the store ({type(err).__name__}: {err})") from err
         raise  # pragma: no cover  (unreachable: the context manager re-raises)

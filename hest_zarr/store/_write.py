@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,11 +23,19 @@ from hest_zarr.schemas import (
     expected_kind,
     magnification_from_pixel_size,
 )
-from hest_zarr.store._commit import commit_elements, commit_store, prepare_target, staging_directory
-from hest_zarr.store._location import StorageOptions, locate, network_errors, open_zarr_group
+from hest_zarr.store._commit import (
+    commit_elements,
+    commit_store,
+    prepare_target,
+    recover_remote,
+    remove_leftovers,
+    staging_directory,
+)
+from hest_zarr.store._location import ROOT_METADATA, StorageOptions, locate, network_errors
+from hest_zarr.store._manifest import Manifest, build_manifest, read_manifest, seal_store
 from hest_zarr.store._raster import DEFAULT_CHUNK_SIZE, write_image_element
 from hest_zarr.store._read import read_root_attributes
-from hest_zarr.store.codecs import DEFAULT_JPEG_QUALITY, ImageCodec
+from hest_zarr.store.codecs import DEFAULT_JPEG_QUALITY, TABLE_COMPRESSORS, ImageCodec
 
 
 def write(
@@ -73,23 +82,48 @@ def write(
         raise HestZarrError(f"elements {missing} have no provenance in the record; add an ElementRecord for each")
     location, exists = prepare_target(url, overwrite, storage_options, kind="sample")
     with staging_directory(location) as staging:
-        _write_staged(sdata, staging, image_codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
+        manifest = _write_staged(
+            sdata, staging, image_codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size
+        )
+        seal_store(staging, manifest)
         commit_store(staging, location, replace=exists)
     return location.url
 
 
 def _write_staged(
     sdata: SpatialData, staging: Path, *, image_codec: ImageCodec, jpeg_quality: int, chunk_size: int
-) -> None:
-    """Write every element into a fresh local directory, then consolidate its metadata."""
+) -> Manifest:
+    """Write every element into a fresh local directory; return its manifest (the caller seals the store)."""
     SpatialData(attrs=sdata.attrs).write(staging, consolidate_metadata=False)
-    non_raster = SpatialData(
-        shapes=sdata.shapes, points=sdata.points, tables=sdata.tables, labels=sdata.labels, attrs=sdata.attrs
-    )
+    non_raster = SpatialData(shapes=sdata.shapes, points=sdata.points, attrs=sdata.attrs)
     non_raster.path = staging
     for kind, name, element in sdata.gen_elements():
         _write_element(non_raster, staging, kind, name, element, image_codec, jpeg_quality, chunk_size)
-    zarr.consolidate_metadata(str(staging))
+    return build_manifest(staging, {name: (kind, element) for kind, name, element in sdata.gen_elements()})
+
+
+def _write_table(staging: Path, name: str, table: Any) -> None:
+    """Write a table as spatialdata does, with every array chunk checksummed (zstd then crc32c)."""
+    from anndata.io import write_elem
+    from spatialdata._io.format import CurrentTablesFormat
+    from spatialdata.models import TableModel, get_table_keys
+
+    region = region_key = instance_key = None
+    if TableModel.ATTRS_KEY in table.uns:
+        region, region_key, instance_key = get_table_keys(table)
+        TableModel.validate(table)
+    tables = zarr.open_group(str(staging), mode="r+").require_group("tables")
+    write_elem(tables, name, table, dataset_kwargs={"compressors": TABLE_COMPRESSORS})
+    attributes = tables[name].attrs
+    attributes.update(
+        {
+            "spatialdata-encoding-type": "ngff:regions_table",
+            "region": region,
+            "region_key": region_key,
+            "instance_key": instance_key,
+            "version": CurrentTablesFormat().spatialdata_format_version,
+        }
+    )
 
 
 def _write_element(
@@ -106,6 +140,8 @@ def _write_element(
         root = zarr.open_group(str(staging), mode="r+")
         images = root.require_group(kind)
         write_image_element(images, name, element, codec=image_codec, jpeg_quality=jpeg_quality, chunk_size=chunk_size)
+    elif kind == "tables":
+        _write_table(staging, name, element)
     else:
         non_raster.write_element(name)
 
@@ -161,8 +197,15 @@ def add_elements(
 
     """
     location = locate(url, storage_options)
+    if location.is_local:
+        remove_leftovers(Path(location.path))
+    else:
+        recover_remote(location)
     attributes = read_root_attributes(location)
     record = StoreRecord.model_validate(attributes[Keys.ROOT_ATTRS])
+    old_manifest = read_manifest(location, attributes)
+    with network_errors(location.url):
+        old_root = json.loads(location.fs.cat_file(location.join(ROOT_METADATA)))
     missing = sorted(set(elements) - set(provenance))
     if missing:
         raise HestZarrError(f"elements {missing} have no provenance; pass a Provenance for each")
@@ -199,16 +242,42 @@ def add_elements(
     updated = StoreRecord.model_validate(updated.model_dump())
     set_record(new, updated)
 
+    replaced = [f"{kind}/{name}" for name, kind in kinds.items()]
     with staging_directory(location) as staging:
-        _write_staged(
+        manifest = _write_staged(
             new, staging, image_codec=image_codec, jpeg_quality=DEFAULT_JPEG_QUALITY, chunk_size=DEFAULT_CHUNK_SIZE
         )
-        commit_elements(staging, location, [(kind, name) for name, kind in kinds.items()])
-    with network_errors(location.url):
-        root = open_zarr_group(location, mode="r+")
-        root.attrs[Keys.ROOT_ATTRS] = updated.model_dump(mode="json")
-        zarr.consolidate_metadata(root.store)
+        if old_manifest is not None:
+            manifest = old_manifest.without(replaced).merged(manifest)
+        seal_store(staging, manifest)
+        _merge_root(staging, old_root, replaced)
+        commit_elements(staging, location, replaced)
     return location.url
+
+
+def _merge_root(staging: Path, old_root: dict[str, Any], replaced: list[str]) -> None:
+    """Make the staged root ``zarr.json`` the store's new one: old attributes and consolidated metadata, updated.
+
+    Consolidated entries of the replaced element groups are dropped, those of the staged groups added; root
+    attributes other than the ones staged (the record, the manifest) are kept.
+    """
+    staged = json.loads((staging / ROOT_METADATA).read_bytes())
+    scopes = tuple(replaced)
+    old_entries = (old_root.get("consolidated_metadata") or {}).get("metadata", {})
+    entries = {
+        key: value
+        for key, value in old_entries.items()
+        if not any(key == scope or key.startswith(scope + "/") for scope in scopes)
+    }
+    entries.update((staged.get("consolidated_metadata") or {}).get("metadata", {}))
+    staged["attributes"] = {**old_root.get("attributes", {}), **staged.get("attributes", {})}
+    # sorted by path, as zarr writes them: its reader groups the entries of one parent only when they are adjacent
+    staged["consolidated_metadata"] = {
+        "kind": "inline",
+        "must_understand": False,
+        "metadata": dict(sorted(entries.items())),
+    }
+    (staging / ROOT_METADATA).write_text(json.dumps(staged))
 
 
 def apply_update(url: str | Path, update: ElementUpdate, *, storage_options: StorageOptions = None) -> ElementUpdate:

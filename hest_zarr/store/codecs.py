@@ -1,5 +1,9 @@
 """Chunk codecs for image arrays: lossless zstd, or lossy JPEG through imagecodecs.
 
+Every chain ends with zarr v3's standard ``crc32c`` codec, so that any zarr v3 reader detects a damaged chunk. In
+a process that imports ``hest_zarr`` the ``crc32c`` codec is :class:`CheckedCrc32c`: the same bytes, and a
+:class:`~hest_zarr.errors.ChunkChecksumError` (a ``ValueError``) instead of a bare one on a mismatch.
+
 Zarr v3 has no JPEG codec of its own. imagecodecs ships a numcodecs JPEG codec
 (``imagecodecs_jpeg``); zarr wraps numcodecs codecs for v3 under the name ``numcodecs.<id>``, but only
 for the codecs numcodecs itself ships. This module registers the same wrapper for imagecodecs' JPEG, so
@@ -17,11 +21,13 @@ from typing import Any, Literal
 import imagecodecs.numcodecs
 import numpy as np
 import zarr.registry
-from zarr.codecs import BytesCodec, TransposeCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 from zarr.codecs.numcodecs._codecs import _NumcodecsArrayBytesCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.errors import ZarrUserWarning
+
+from hest_zarr.errors import ChunkChecksumError
 
 ImageCodec = Literal["zstd", "jpeg"]
 IMAGE_CODECS: tuple[str, ...] = ("zstd", "jpeg")
@@ -45,6 +51,25 @@ class ImagecodecsJpeg(_NumcodecsArrayBytesCodec, codec_name="imagecodecs_jpeg"):
         return chunk_spec.prototype.buffer.from_bytes(encoded)
 
 
+class CheckedCrc32c(Crc32cCodec):
+    """Zarr's ``crc32c`` codec, raising :class:`~hest_zarr.errors.ChunkChecksumError` on a mismatch."""
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        try:
+            return super()._decode_sync(chunk_bytes, chunk_spec)
+        except ValueError as err:
+            raise ChunkChecksumError(
+                f"a chunk fails its crc32c checksum ({err}): the store is damaged; `hest-zarr validate` names it"
+            ) from err
+
+
+#: Checksum codec ending every chain this package writes.
+CHECKSUM = CheckedCrc32c()
+#: Compressors of table arrays (anndata's, then a checksum).
+TABLE_COMPRESSORS = (ZstdCodec(level=DEFAULT_ZSTD_LEVEL), CHECKSUM)
+
+zarr.registry.register_codec("crc32c", CheckedCrc32c)
+zarr.config.set({"codecs.crc32c": f"{CheckedCrc32c.__module__}.{CheckedCrc32c.__qualname__}"})
 imagecodecs.numcodecs.register_codecs(codecs=["imagecodecs_jpeg"], verbose=False)
 zarr.registry.register_codec(ImagecodecsJpeg.codec_name, ImagecodecsJpeg)
 
@@ -72,7 +97,11 @@ def image_array_codecs(
 
     """
     if codec == "zstd":
-        return {"filters": None, "serializer": BytesCodec(), "compressors": [ZstdCodec(level=DEFAULT_ZSTD_LEVEL)]}
+        return {
+            "filters": None,
+            "serializer": BytesCodec(),
+            "compressors": [ZstdCodec(level=DEFAULT_ZSTD_LEVEL), CHECKSUM],
+        }
     if codec == "jpeg":
         if np.dtype(dtype) != np.uint8 or n_channels not in (1, 3):
             raise ValueError(
@@ -84,6 +113,6 @@ def image_array_codecs(
         return {
             "filters": [TransposeCodec(order=(1, 2, 0))],
             "serializer": ImagecodecsJpeg(level=int(jpeg_quality)),
-            "compressors": None,
+            "compressors": [CHECKSUM],
         }
     raise ValueError(f"unknown image codec {codec!r}; expected one of {IMAGE_CODECS}")

@@ -597,7 +597,7 @@ def test_labels_are_written_lossless_with_a_nearest_pyramid(sfe: Path, sfe_masks
         to_um = get_transformation(tree, "um").to_affine_matrix(("x", "y"), ("x", "y"))
         np.testing.assert_allclose(to_um, np.diag([XENIUM_PIXEL_UM, XENIUM_PIXEL_UM, 1.0]), rtol=1e-12)
         array = zarr.open_group(str(tmp_path / "sample.zarr"), mode="r")[f"labels/{name}/s0"]
-        assert [codec["name"] for codec in array.metadata.to_dict()["codecs"]] == ["bytes", "zstd"]
+        assert [codec["name"] for codec in array.metadata.to_dict()["codecs"]] == ["bytes", "zstd", "crc32c"]
     table = reopened["label_cell_ids"]
     assert table.n_obs == 2 * SFE_CELLS
     assert zarr.open_group(str(tmp_path / "sample.zarr"), mode="r")["labels"].attrs["ome"]["labels"] == [

@@ -394,8 +394,14 @@ def test_corrupt_chunk_names_the_chunk(svs_store, tmp_path: Path) -> None:
     url, _, _ = svs_store
     broken = tmp_path / "broken.zarr"
     shutil.copytree(url, broken)
-    (broken / "images" / "he" / "s0" / "c" / "0" / "1" / "1").write_bytes(b"not zstd")
+    chunk = broken / "images" / "he" / "s0" / "c" / "0" / "1" / "1"
+    garbled = bytearray(chunk.read_bytes())
+    garbled[len(garbled) // 2] ^= 0xFF  # same size: the store opens, the chunk's crc32c fails when it is read
+    chunk.write_bytes(bytes(garbled))
     sample = SamplePatches.from_store(broken)
     with pytest.raises(CorruptStoreError, match=re.escape("chunk images/he/s0/c/0/1/1 cannot be decoded")):
         list(sample.read())
     sample.close()
+    chunk.write_bytes(b"not zstd")  # another size: the store's manifest refuses it before any read
+    with pytest.raises(CorruptStoreError, match=re.escape("damaged store: he: images/he/s0/c/0/1/1: 8 bytes")):
+        SamplePatches.from_store(broken)

@@ -115,7 +115,9 @@ def test_zstd_is_lossless_and_jpeg_is_close_and_smaller(tmp_path: Path) -> None:
     assert np.percentile(error, 99) < 20
 
     array_meta = json.loads((Path(lossy) / "images" / "he" / "s0" / "zarr.json").read_text())
-    assert [c["name"] for c in array_meta["codecs"]] == ["transpose", "numcodecs.imagecodecs_jpeg"]
+    assert [c["name"] for c in array_meta["codecs"]] == ["transpose", "numcodecs.imagecodecs_jpeg", "crc32c"]
+    lossless_meta = json.loads((Path(lossless) / "images" / "he" / "s0" / "zarr.json").read_text())
+    assert [c["name"] for c in lossless_meta["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert array_meta["codecs"][1]["configuration"]["level"] == 90
     assert array_meta["chunk_grid"]["configuration"]["chunk_shape"] == [3, 256, 256]
 
@@ -255,8 +257,12 @@ def test_s3_write_interrupted_midway_is_not_accepted(
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", original_put_file)
     s3fs.S3FileSystem.clear_instance_cache()  # the instance made above keeps the patched method
     assert any(path.endswith("tables/spot_expression/X/data/c/0") for path in uploaded)
-    with pytest.raises(IncompleteStoreError, match=r"root zarr\.json is missing"):
+    with pytest.raises(IncompleteStoreError, match=r"incomplete store: the write that made it did not finish"):
         hest_zarr.open(url, storage_options=s3_server.storage_options)
+    # nothing complete was there: the next write replaces it, without overwrite, and says so
+    with pytest.warns(UserWarning, match="removed the incomplete store an interrupted write had left"):
+        hest_zarr.write(sdata, url, storage_options=s3_server.storage_options)
+    assert hest_zarr.validate(url, storage_options=s3_server.storage_options) == []
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -287,10 +293,22 @@ def test_corrupt_chunk_is_reported_with_its_key(tmp_path: Path) -> None:
     sdata, _ = he_sample()
     url = hest_zarr.write(sdata, tmp_path / "t.zarr", chunk_size=256)
     chunk = Path(url) / "images" / "he" / "s0" / "c" / "0" / "2" / "1"
+    size = chunk.stat().st_size
     chunk.write_bytes(b"this is not zstd data")
-    problems = hest_zarr.validate(url)
-    assert [str(p).split(" (")[0] for p in problems] == ["he: s0 chunk c/0/2/1: cannot be decoded"]
-    assert hest_zarr.validate(url, check_data=False) == []
+    # a chunk of another size is found by listing alone (--quick), and reported once
+    expected = [f"he: images/he/s0/c/0/2/1: 21 bytes, the manifest records {size}"]
+    assert [str(p) for p in hest_zarr.validate(url, check_data=False)] == expected
+    assert [str(p) for p in hest_zarr.validate(url)] == expected
+    # bytes changed in place (same size) need the full check, which reads every object
+    other = Path(url) / "images" / "he" / "s0" / "c" / "0" / "1" / "1"
+    garbled = bytearray(other.read_bytes())
+    garbled[len(garbled) // 2] ^= 0xFF
+    other.write_bytes(bytes(garbled))
+    assert [str(p) for p in hest_zarr.validate(url, check_data=False)] == expected
+    assert [str(p) for p in hest_zarr.validate(url)] == [
+        *expected,
+        "he: images/he/s0/c/0/1/1: fails its crc32c checksum (its bytes changed)",
+    ]
 
 
 def test_unreachable_urls_give_a_clear_error() -> None:

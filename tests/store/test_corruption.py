@@ -78,7 +78,6 @@ def test_every_damaged_object_is_named_by_validate_and_refused_by_reads(
     if damage == "garbled" and what == "image chunk":  # the same size: listing cannot see it, only decoding can
         assert quick == []
     else:  # listing sees the rest; a table or the shapes changed in place fail as they are read
-
         assert quick[0].startswith(f"{element}: {key}: ")
 
     if what == "image chunk" and damage == "garbled":

@@ -159,7 +159,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @app.command()
 def validate(
     url: Annotated[str, typer.Argument(help="Store path or URL.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Skip decoding every image chunk.")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Check the objects against the store's manifest by listing only (no reading, no decoding)."
+        ),
+    ] = False,
     storage_options: StorageOptionsOption = None,
 ) -> None:
     """Check a store against the schema; exit 0 when valid, 1 with one line per problem otherwise."""
@@ -172,6 +177,19 @@ def validate(
             errors.print(f"[bold red]invalid:[/] {url}: {problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{url}: valid")
+
+
+@app.command()
+def repair(
+    url: Annotated[str, typer.Argument(help="Store path or URL whose write was interrupted.")],
+    storage_options: StorageOptionsOption = None,
+) -> None:
+    """Finish a write that was interrupted while it moved a new store (or new elements) into place."""
+    from hest_zarr.store import repair as store_repair
+
+    with _clear_errors():
+        finished = store_repair(url, _storage_options(storage_options))
+    console.print(f"{url}: " + ("finished the interrupted write" if finished else "no interrupted write to finish"))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import sys
 import warnings
@@ -12,18 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hest_zarr.errors import HestZarrError, redact
-
-app = typer.Typer(
-    name="hest-zarr",
-    help="HEST-1k spatial transcriptomics + H&E samples as cloud-native SpatialData stores.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 
 class _RedactingConsole(Console):
@@ -36,6 +31,84 @@ class _RedactingConsole(Console):
 console = _RedactingConsole()
 errors = _RedactingConsole(stderr=True)
 
+#: What the command line itself raises to exit or to report a usage error: never ours to reword.
+_TYPER_SIGNALS = (typer.Exit, typer.Abort, typer.TyperException)
+#: Whether the running command was given ``--debug`` (tracebacks wanted).
+_DEBUG: contextvars.ContextVar[bool] = contextvars.ContextVar("hest_zarr_cli_debug", default=False)
+
+
+def _one_line(message: str) -> str:
+    """Return ``message`` redacted, its newlines folded and its brackets escaped (they are not rich markup)."""
+    return escape(" ".join(redact(message).split()))
+
+
+def _print_error(message: str) -> None:
+    """Print one ``error:`` line."""
+    errors.print(f"[bold red]error:[/] {_one_line(message)}", highlight=False, soft_wrap=True)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Print a warning as one redacted ``warning:`` line (``warnings.showwarning`` while a command runs)."""
+    errors.print(f"[yellow]warning:[/] {_one_line(str(message))}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _redacted_warnings(debug: bool) -> Iterator[None]:
+    """Show every warning of the command through :func:`hest_zarr.errors.redact`, then restore the previous hook.
+
+    One ``warning:`` line each; under ``--debug``, Python's usual form (with the file and line that warned).
+    """
+    previous = warnings.showwarning
+
+    def show_in_full(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+        previous(redact(str(message)), category, filename, lineno, *rest)
+
+    warnings.showwarning = show_in_full if debug else _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """The command group: every error becomes one line and exit status 1, a traceback only with ``--debug``.
+
+    Our errors (:class:`~hest_zarr.errors.HestZarrError`) print their message; anything else prints its type and
+    message and asks for a report, since it is a bug or an input we do not recognise yet.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        token = _DEBUG.set(debug)
+        with _redacted_warnings(debug):
+            try:
+                return super().invoke(ctx)
+            except _TYPER_SIGNALS:
+                raise
+            except HestZarrError as err:
+                if debug:
+                    raise
+                _print_error(str(err))
+            except Exception as err:
+                if debug:
+                    raise
+                _print_error(f"{type(err).__name__}: {err} (run with --debug for the traceback; please report it)")
+            finally:
+                _DEBUG.reset(token)
+        raise typer.Exit(1)
+
+
+app = typer.Typer(
+    name="hest-zarr",
+    help="HEST-1k spatial transcriptomics + H&E samples as cloud-native SpatialData stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
+)
+
 #: Ecosystem warnings that say nothing actionable to a user of the command line.
 _QUIET_WARNINGS = (
     "zarr v3 autosharding will be the default",
@@ -47,7 +120,9 @@ _QUIET_WARNINGS = (
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of one line.")] = False,
+) -> None:
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}")
 
@@ -94,11 +169,13 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _clear_errors() -> Iterator[None]:
-    """Print our errors as one line (no traceback) and exit with status 1."""
+    """Print our errors as one line (no traceback; with ``--debug``, the traceback) and exit with status 1."""
     try:
         yield
     except HestZarrError as err:
-        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        if _DEBUG.get():
+            raise
+        _print_error(str(err))
         raise typer.Exit(1) from None
 
 
@@ -174,7 +251,7 @@ def validate(
         problems = store_validate(url, _storage_options(storage_options), check_data=not quick)
     if problems:
         for problem in problems:
-            errors.print(f"[bold red]invalid:[/] {url}: {problem}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]invalid:[/] {_one_line(f'{url}: {problem}')}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{url}: valid")
 

@@ -118,3 +118,127 @@ def test_convert_detects_each_technology(tmp_path: Path) -> None:
         assert hest_zarr.validate(out) == []
         expected_technology = {"xenium": "Xenium", "visium-hd": "Visium HD", "st": "Spatial Transcriptomics"}
         assert hest_zarr.get_record(hest_zarr.open(out)).metadata.st_technology == expected_technology[technology]
+
+
+def test_bad_inputs_are_one_line_without_traceback(tmp_path: Path, scanpy_visium: Path) -> None:
+    """Damaged copies of real data (issue 12, item 7) through the command line: one ``error:`` line, exit 1."""
+    import shutil
+
+    from tests.conftest import shared
+
+    scanpy = tmp_path / "scanpy"
+    shutil.copytree(scanpy_visium, scanpy)
+    factors = scanpy / "spatial" / "scalefactors_json.json"
+    factors.chmod(0o644)
+    factors.write_text(json.dumps({**json.loads(factors.read_text()), "spot_diameter_fullres": 0}))
+    text = shared("STUtility_ST_v1", "MOB1.tsv").read_text()
+    (tmp_path / "MOB1.tsv").write_text(text[:2_000_000])
+    for args, message in (
+        (["convert", str(scanpy), "x.zarr"], f"{factors}: 'spot_diameter_fullres' is 0; expected a positive number"),
+        (["convert", str(tmp_path / "MOB1.tsv"), "x.zarr"], "MOB1.tsv: truncated: its last line has 921 fields"),
+        (
+            ["convert", str(shared("STUtility_ST_v1")), "x.zarr", "--technology", "st"],
+            "3 ST v1 count tables (BC1.csv, MOB1.tsv, MOB2.tsv); pass the one to convert",
+        ),
+        (
+            ["info", "s3://b/x.zarr", "--storage-options", '{"bogus": 1}'],
+            "s3://b/x.zarr: storage option 'bogus' is not understood by s3fs (S3FileSystem): it takes anon,",
+        ),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_convert_takes_the_st_files_of_a_folder(tmp_path: Path) -> None:
+    """`convert FOLDER --technology st` (and without it) uses the folder's table, alignment table and image."""
+    import shutil
+
+    folder = tmp_path / "st_v1_mob1"
+    shutil.copytree(demo_sample_path(), folder)
+    for extra in (["--technology", "st"], []):
+        out = tmp_path / f"mob1{len(extra)}.zarr"
+        result = runner.invoke(app, ["convert", str(folder), str(out), *extra])
+        assert result.exit_code == 0, result.output
+        summary = hest_zarr.info(out)
+        assert summary["metadata"]["id"] == "MOB1" and summary["elements"]["he"]["shape"] == [3, 1905, 1905]
+        table = hest_zarr.open(out)["spot_expression"]
+        assert table.shape == (1934, 1000) and int(table.X.sum()) == 1_586_645
+
+
+def test_wrong_s3_credentials_are_one_line(s3_bucket: str, s3_server, monkeypatch) -> None:
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks keys and IAM from now on
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    options = json.dumps(
+        {"key": "AKIAWRONG", "secret": "s3cr3t-wrong", "client_kwargs": {"endpoint_url": s3_server.endpoint}}
+    )
+    result = runner.invoke(app, ["info", f"{s3_bucket}/s.zarr", "--storage-options", options])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {s3_bucket}/s.zarr: access denied (403 Forbidden; check the credentials in --storage-options or "
+        "the environment)"
+    ]
+    assert "s3cr3t-wrong" not in result.output + result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from hest_zarr.errors import StoreNotFoundError
+
+    missing = str(tmp_path / "missing.zarr")
+    result = runner.invoke(app, ["info", missing])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    result = runner.invoke(app, ["--debug", "info", missing])
+    assert isinstance(result.exception, StoreNotFoundError) and f"{missing}: no such store" in str(result.exception)
+    assert result.exc_info is not None and result.exc_info[2] is not None  # the traceback, for the runner to show
+
+
+def test_unexpected_errors_are_one_line_asking_for_a_report(monkeypatch, scanpy_visium: Path, tmp_path: Path) -> None:
+    """A failure that is not one of ours (here a KeyError planted in the convert workflow) still prints one line."""
+    import hest_zarr.workflows.convert
+
+    def broken(*args, **kwargs):
+        raise KeyError("https://me:pw@host/x.zarr has no 'obs'\nsecond line")
+
+    monkeypatch.setattr(hest_zarr.workflows.convert, "convert", broken)
+    result = runner.invoke(app, ["convert", str(scanpy_visium), str(tmp_path / "x.zarr")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: KeyError: \"https://***@host/x.zarr has no 'obs'\\nsecond line\" (run with --debug for the traceback; "
+        "please report it)"
+    ]
+    result = runner.invoke(app, ["--debug", "convert", str(scanpy_visium), str(tmp_path / "x.zarr")])
+    assert isinstance(result.exception, KeyError)
+
+
+def test_warnings_are_one_redacted_line(monkeypatch, perik_visium: Path, tmp_path: Path) -> None:
+    import warnings
+
+    import hest_zarr.store
+
+    result = runner.invoke(app, ["convert", str(perik_visium), str(tmp_path / "p.zarr")])  # a real warning
+    assert result.exit_code == 0, result.output
+    positions = perik_visium / "spatial" / "tissue_positions.csv"
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {positions}: the spot lattice gives 4.678 um/px, +7.7% against 65 um / spot_diameter_fullres "
+        "(4.344 um/px): spot_diameter_fullres spans 70.0 um here; the lattice is used"
+    ]
+
+    real_info = hest_zarr.store.info
+
+    def warns(url, storage_options=None):
+        warnings.warn(f"{url}: [old] store without a manifest", UserWarning, stacklevel=2)
+        return real_info(tmp_path / "p.zarr")
+
+    monkeypatch.setattr(hest_zarr.store, "info", warns)
+    secret_url = "https://me:pw@127.0.0.1:1/p.zarr?X-Amz-Signature=abc123&x=1"
+    result = runner.invoke(app, ["info", secret_url])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        "warning: https://***@127.0.0.1:1/p.zarr?X-Amz-Signature=***&x=1: [old] store without a manifest"
+    ]
+    assert "pw@" not in result.output + result.stderr and "abc123" not in result.output + result.stderr

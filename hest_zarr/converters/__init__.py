@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from hest_zarr.converters.hest import export_hest, read_hest
 from hest_zarr.converters.legacy import read_legacy
 from hest_zarr.converters.nuclei import add_segmentation, read_segmentation, to_qupath_geojson
 from hest_zarr.converters.slides import SlideImage, he_element, slide_image
-from hest_zarr.converters.st_v1 import read_st_v1
+from hest_zarr.converters.st_v1 import looks_like_st_table, read_st_v1, st_count_tables
 from hest_zarr.converters.visium import read_visium
 from hest_zarr.converters.visium_hd import read_visium_hd
 from hest_zarr.converters.xenium import read_xenium
@@ -25,19 +24,6 @@ from hest_zarr.schemas import SampleMetadata
 
 Technology = Literal["visium", "visium-hd", "xenium", "st", "legacy", "hest"]
 TECHNOLOGIES: tuple[str, ...] = ("visium", "visium-hd", "xenium", "st", "legacy", "hest")
-_ST_SPOT_ID = re.compile(r"^\d+(\.\d+)?x\d+(\.\d+)?$")
-
-
-def _looks_like_st_table(path: Path) -> bool:
-    """Tell whether the first line or the first column of a table holds ``XxY`` spot ids."""
-    try:
-        with path.open() as handle:
-            header = handle.readline()
-            first_row = handle.readline()
-    except (OSError, UnicodeDecodeError):
-        return False
-    fields = re.split(r"[\t,]", header.strip()) + re.split(r"[\t,]", first_row.strip())[:1]
-    return sum(bool(_ST_SPOT_ID.match(f.strip().strip('"'))) for f in fields) >= 1
 
 
 def detect_technology(path: str | Path) -> Technology:
@@ -47,7 +33,7 @@ def detect_technology(path: str | Path) -> Technology:
     ----------
     path
         A Space Ranger ``outs/`` folder, a Visium HD folder (``binned_outputs/``), a Xenium output folder,
-        a HEST-1k download root, or an ST v1 count table.
+        a HEST-1k download root, or an ST v1 count table (gzipped or not) or a folder holding one.
 
     Raises
     ------
@@ -64,7 +50,7 @@ def detect_technology(path: str | Path) -> Technology:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_file():
-        if path.suffix.lower() in (".tsv", ".csv", ".txt", ".gz") and _looks_like_st_table(path):
+        if path.suffix.lower() in (".tsv", ".csv", ".txt", ".gz") and looks_like_st_table(path):
             return "st"
         raise InputError(
             f"{path}: cannot tell the technology of this file (an ST v1 table has XxY spot ids); pass --technology"
@@ -80,9 +66,12 @@ def detect_technology(path: str | Path) -> Technology:
         return "hest"
     if "spatial" in names:
         return "visium"
+    if st_count_tables(path):
+        return "st"
     raise InputError(
         f"{path}: unknown folder layout (expected a Space Ranger outs/ with spatial/, binned_outputs/ for "
-        "Visium HD, transcripts.parquet for Xenium, or st/ + metadata/ for a HEST-1k download)"
+        "Visium HD, transcripts.parquet for Xenium, st/ + metadata/ for a HEST-1k download, or an ST v1 count "
+        "table with XxY spot ids)"
     )
 
 

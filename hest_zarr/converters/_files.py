@@ -8,10 +8,16 @@ looked for and every name tried.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from hest_zarr.errors import InputError
+
+#: Repeated labels named in a message before ``...``.
+SHOWN_DUPLICATES = 5
 
 
 @dataclass(frozen=True)
@@ -46,3 +52,25 @@ class SourceFile:
         if found is None:
             raise InputError(f"{root}: no {self.what} found (expected {self.expected})")
         return found
+
+
+def refuse_duplicates(labels: Iterable[object], source: str | Path, what: str = "barcode") -> None:
+    """Refuse a file whose rows repeat a barcode (spot id): name the file, the first repeated ones and their number.
+
+    Examples
+    --------
+    >>> refuse_duplicates(["AAAC-1", "TTTG-1"], "tissue_positions.csv")
+    >>> refuse_duplicates(["AAAC-1", "TTTG-1", "AAAC-1"], "tissue_positions.csv")
+    Traceback (most recent call last):
+    hest_zarr.errors.InputError: tissue_positions.csv: 1 barcode appears on several rows: 'AAAC-1' (2 rows); ...
+
+    """
+    index = pd.Index(list(labels) if not isinstance(labels, pd.Index) else labels)
+    if not index.has_duplicates:
+        return
+    counts = index.value_counts(sort=False)
+    repeated = counts[counts > 1]
+    shown = ", ".join(f"{label!r} ({n} rows)" for label, n in repeated.iloc[:SHOWN_DUPLICATES].items())
+    more = ", ..." if len(repeated) > SHOWN_DUPLICATES else ""
+    plural = f"{len(repeated)} {what}s appear" if len(repeated) > 1 else f"1 {what} appears"
+    raise InputError(f"{source}: {plural} on several rows: {shown}{more}; each {what} must have one row")

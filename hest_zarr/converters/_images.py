@@ -15,6 +15,7 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, Scale
 from xarray import DataArray
 
+from hest_zarr.converters.slides import check_tiff_complete
 from hest_zarr.elements import frame_transformations
 from hest_zarr.errors import InputError
 
@@ -27,7 +28,7 @@ def read_image(path: Path) -> np.ndarray:
     Raises
     ------
     InputError
-        An unreadable file, or one that is not a 2-D grey, RGB or RGBA image.
+        An unreadable, truncated or corrupt file, or one that is not a 2-D grey, RGB or RGBA image.
 
     Examples
     --------
@@ -40,12 +41,20 @@ def read_image(path: Path) -> np.ndarray:
 
     try:
         if path.suffix.lower() in (".tif", ".tiff", ".btf"):
-            pixels = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                check_tiff_complete(path, tif.series[0].levels[0].pages)
+                pixels = tif.asarray()
         else:
             with Image.open(path) as handle:
                 pixels = np.asarray(handle.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read image ({err})") from err
+    except InputError:
+        raise
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:  # not an image, a malformed header
+        raise InputError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    except Exception as err:  # imagecodecs' DeflateError, JpegError, LzwError... on damaged tiles or strips
+        raise InputError(
+            f"{path}: cannot decode the image: the file is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from err
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     if pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):

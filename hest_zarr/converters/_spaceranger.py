@@ -11,6 +11,7 @@ install) or from ``array_row``/``array_col`` columns of an AnnData's ``obs``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata_io._constants._constants import VisiumKeys
 
-from hest_zarr.converters._files import SourceFile
+from hest_zarr.converters._files import SourceFile, refuse_duplicates
+from hest_zarr.converters._tables import refuse_cut_last_line
 from hest_zarr.elements import Elements, Keys, expression_table
 from hest_zarr.errors import InputError
 
@@ -51,14 +53,18 @@ def read_positions(path: Path) -> pd.DataFrame:
         else:
             with path.open() as handle:
                 has_header = handle.readline().startswith("barcode")
+            refuse_cut_last_line(path, ",", has_header=has_header)
             frame = pd.read_csv(path, header=0 if has_header else None)
             if not has_header:
                 frame.columns = POSITION_COLUMNS[: frame.shape[1]]
+    except InputError:
+        raise
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read spot positions ({err})") from err
     missing = [c for c in POSITION_COLUMNS if c not in frame.columns]
     if missing:
         raise InputError(f"{path}: missing position column(s) {missing}; found {list(frame.columns)}")
+    refuse_duplicates(frame["barcode"].astype(str), path)
     return frame[POSITION_COLUMNS].set_index("barcode")
 
 
@@ -237,11 +243,49 @@ def read_scalefactors(path: Path) -> dict[str, float]:
     """
     try:
         factors = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: cannot read scale factors ({err})") from err
+    if not isinstance(factors, dict):
+        raise InputError(f"{path}: expected a JSON object of scale factors, found {type(factors).__name__}")
     if "spot_diameter_fullres" not in factors:
         raise InputError(f"{path}: no 'spot_diameter_fullres' entry")
+    for key in SCALE_FACTORS:
+        if key in factors:
+            factors[key] = positive_number(factors[key], f"{path}: {key!r}")
     return factors
+
+
+#: The numbers of ``scalefactors_json.json`` that are sizes or scales: finite and > 0 in any valid file.
+SCALE_FACTORS = (
+    "spot_diameter_fullres",
+    "fiducial_diameter_fullres",
+    "tissue_hires_scalef",
+    "tissue_lowres_scalef",
+    "regist_target_img_scalef",
+    "bin_size_um",
+    "microns_per_pixel",
+)
+
+
+def positive_number(value: object, what: str) -> float:
+    """Return ``value`` as a finite float > 0, or refuse it naming ``what`` and the value found.
+
+    Examples
+    --------
+    >>> positive_number("89.4", "scalefactors_json.json: 'spot_diameter_fullres'")
+    89.4
+    >>> positive_number(0, "scalefactors_json.json: 'spot_diameter_fullres'")
+    Traceback (most recent call last):
+    hest_zarr.errors.InputError: scalefactors_json.json: 'spot_diameter_fullres' is 0; expected a positive number
+
+    """
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise InputError(f"{what} is {value!r}; expected a positive number")
+    return number
 
 
 def pick_spatial_image(root: Path, factors: dict[str, float]) -> tuple[Path, float] | None:

@@ -7,7 +7,10 @@ integers and :func:`infer_species` tells the species from gene names where it is
 
 from __future__ import annotations
 
+import csv
 import gzip
+import itertools
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +77,70 @@ def read_delimited_table(
         with opener(path, "rt") as handle:
             first_line = handle.readline()
         separator = next((s for s in ("\t", ",", ";") if s in first_line), r"\s+")
+        refuse_cut_last_line(path, separator, has_header=header is not None)
         return pd.read_csv(path, sep=separator, index_col=index_col, header=header)
+    except InputError:
+        raise
+    except (EOFError, zlib.error) as err:
+        raise InputError(f"{path}: truncated: the compressed file ends early ({type(err).__name__}: {err})") from err
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise InputError(f"{path}: not a readable delimited text table ({type(err).__name__}: {err})") from err
+
+
+def _fields(line: str, separator: str) -> list[str]:
+    line = line.rstrip("\r\n")
+    return line.split() if separator == r"\s+" else next(csv.reader([line], delimiter=separator))
+
+
+def _head_and_last_line(path: Path) -> tuple[list[str], str, bool]:
+    """Return the first two lines, the last non-blank line and whether the file ends with a newline."""
+    if path.suffix == ".gz":  # no random access: read it through
+        with gzip.open(path, "rt") as handle:
+            head = list(itertools.islice(handle, 2))
+            last = head[-1] if head else ""
+            for line in handle:
+                if line.strip():
+                    last = line
+        return head, last, last.endswith("\n")
+    with open(path) as handle:
+        head = list(itertools.islice(handle, 2))
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - TAIL_BYTES))
+        tail = handle.read()
+    lines = [line for line in tail.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    return head, lines[-1] if lines else "", tail.rstrip(b" \t").endswith(b"\n")
+
+
+#: How much of the end of a plain table is read to find its last line.
+TAIL_BYTES = 1 << 20
+
+
+def refuse_cut_last_line(path: Path, separator: str, *, has_header: bool = True) -> None:
+    """Refuse a table cut mid-line (an interrupted download or copy): its last line is shorter than its rows.
+
+    The last line is compared with the first data row: fewer fields, or as many but an empty last one and no
+    final newline, mean the file ends inside a row.
+
+    Raises
+    ------
+    InputError
+        Naming the file and both field counts.
+
+    Examples
+    --------
+    >>> refuse_cut_last_line(Path("tissue_positions.csv"), ",")  # doctest: +SKIP
+
+    """
+    head, last, ends_with_newline = _head_and_last_line(path)
+    reference = head[1] if has_header and len(head) > 1 else head[0] if head else ""
+    if not reference.strip() or last == reference or (has_header and last == head[0]):
+        return
+    expected, found = _fields(reference, separator), _fields(last, separator)
+    if len(found) < len(expected) or (not ends_with_newline and len(found) == len(expected) and found[-1] == ""):
+        raise InputError(
+            f"{path}: truncated: its last line has {len(found)} fields where its first row has {len(expected)} "
+            "(the file ends inside a row; download or copy it again)"
+        )
 
 
 def compact_integers(values: np.ndarray) -> np.ndarray:

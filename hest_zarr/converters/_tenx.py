@@ -17,7 +17,7 @@ from anndata import AnnData
 from scipy import sparse
 from spatialdata_io._constants._constants import VisiumKeys
 
-from hest_zarr.converters._files import SourceFile
+from hest_zarr.converters._files import SourceFile, refuse_duplicates
 from hest_zarr.elements import integer_counts
 from hest_zarr.errors import InputError
 
@@ -51,9 +51,13 @@ def read_counts(path: Path) -> AnnData:
     import scanpy as sc
 
     if path.suffix.lower() == ".h5ad":
-        return read_anndata_counts(path)
+        adata = read_anndata_counts(path)
+        refuse_duplicates(adata.obs_names, path)
+        return adata
     if path.is_dir() and (path / "matrix.mtx").is_file() and (path / "features.tsv").is_file():
-        return read_plain_mex(path)
+        adata = read_plain_mex(path)
+        refuse_duplicates(adata.obs_names, path)
+        return adata
     try:
         if path.is_dir():
             adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=True, gex_only=False)
@@ -69,6 +73,7 @@ def read_counts(path: Path) -> AnnData:
         raise InputError(f"{path}: incomplete matrix ({err})") from err
     except Exception as err:  # h5py raises OSError/KeyError, scanpy ValueError on damaged files
         raise InputError(f"{path}: not a readable 10x feature-barcode matrix ({type(err).__name__}: {err})") from err
+    refuse_duplicates(adata.obs_names, path)
     adata.X = integer_counts(adata.X, str(path))
     return adata
 

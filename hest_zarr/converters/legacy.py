@@ -33,6 +33,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
+from hest_zarr.converters._files import refuse_duplicates
 from hest_zarr.converters._images import he_image
 from hest_zarr.converters._spaceranger import POSITION_COLUMNS
 from hest_zarr.converters._tables import SpotPlacement, compact_integers, infer_species, read_delimited_table
@@ -306,8 +307,7 @@ def _match(spot_ids: pd.Index, coordinates: _Coordinates, expression: Path, sour
                 f"{len(spot_ids)} spots; cannot match them by order"
             )
         return np.arange(len(spot_ids))
-    if coordinates.ids.has_duplicates:
-        raise InputError(f"{source}: spot id {coordinates.ids[coordinates.ids.duplicated()][0]!r} appears twice")
+    refuse_duplicates(coordinates.ids, source, "spot id")
     rows = coordinates.ids.get_indexer(spot_ids)
     missing = spot_ids[rows < 0]
     if len(missing):
@@ -492,6 +492,7 @@ def read_legacy(
     adata = loaded
     if isinstance(loaded, pd.DataFrame):
         adata, orientation = _orient(loaded, coords, expression_path, source)
+    refuse_duplicates(adata.obs_names, expression_path, "spot id")
     rows = _match(adata.obs_names, coords, expression_path, source)
     adata, rows = _keep_spots(adata, rows, spots, expression_path)
     spot_ids = adata.obs_names.astype(str)

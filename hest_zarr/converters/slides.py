@@ -385,7 +385,7 @@ def _open_tiff(path: Path) -> SlideImage:
             raise InputError(f"{path}: expected an RGB image, found axes {axes!r} with shape {shape}")
         if level0.dtype != np.uint8:
             raise InputError(f"{path}: expected 8-bit RGB, found {level0.dtype}")
-        _check_complete(path, level0.pages)
+        check_tiff_complete(path, level0.pages)
         keyframe = level0.keyframe
         tile = (keyframe.tilelength or keyframe.rowsperstrip or height, keyframe.tilewidth or width)
         pixel_size, origin = _tiff_pixel_size(tif)
@@ -394,8 +394,15 @@ def _open_tiff(path: Path) -> SlideImage:
     return SlideImage(_lazy_rgb(reader, tile), pixel_size, str(path), "tifffile", vendor, origin)
 
 
-def _check_complete(path: Path, pages: Any) -> None:
-    """Refuse a TIFF whose tiles or strips point past its end (a truncated download or copy)."""
+def check_tiff_complete(path: Path, pages: Any) -> None:
+    """Refuse a TIFF whose tiles or strips (of tifffile ``pages``) point past its end (a truncated download or copy).
+
+    Raises
+    ------
+    InputError
+        Naming the file, the byte its image data run to and its size.
+
+    """
     for page in pages:
         if page is None:
             continue

@@ -21,8 +21,10 @@ Why not an existing reader: neither spatialdata-io nor scanpy reads ST v1 count 
 
 from __future__ import annotations
 
+import gzip
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
+from hest_zarr.converters._files import refuse_duplicates
 from hest_zarr.converters._images import he_image
 from hest_zarr.converters._tables import SpotPlacement, compact_integers, infer_species, read_delimited_table
 from hest_zarr.elements import Elements, Keys, circle_spots, expression_table, spot_sample
@@ -76,6 +79,110 @@ def detect_array_design(array_xy: np.ndarray) -> Literal["1k", "2k"]:
     return "2k" if len(np.unique(parity)) == 1 else "1k"
 
 
+#: Suffixes of the text tables an ST v1 folder holds (each optionally ``.gz``) and of the images.
+TABLE_SUFFIXES = (".tsv", ".csv", ".txt")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def _first_lines(path: Path, count: int = 2) -> list[str]:
+    """Return the first lines of a text file (gzipped or not); ``[]`` when it is not readable text."""
+    try:
+        with gzip.open(path, "rt") if path.suffix.lower() == ".gz" else path.open() as handle:
+            return [handle.readline() for _ in range(count)]
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error):
+        return []
+
+
+def _split(line: str) -> list[str]:
+    return [field.strip().strip('"') for field in re.split(r"[\t,;]", line.strip())]
+
+
+def looks_like_st_table(path: str | Path) -> bool:
+    """Tell whether a text table (optionally gzipped) has ``XxY`` spot ids on its first line or in its first column.
+
+    Examples
+    --------
+    >>> looks_like_st_table("hest_zarr/data/st_v1_mob1/MOB1.tsv.gz")  # doctest: +SKIP
+    True
+
+    """
+    lines = _first_lines(Path(path))
+    if len(lines) < 2:
+        return False
+    fields = _split(lines[0]) + _split(lines[1])[:1]
+    return any(SPOT_ID.match(field) for field in fields)
+
+
+def _is_alignment_table(path: Path) -> bool:
+    lines = _first_lines(path, 1)
+    return bool(lines) and set(ALIGNMENT_COLUMNS) <= set(_split(lines[0]))
+
+
+def _is_table_name(path: Path) -> bool:
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    return path.is_file() and suffixes[-1:] != [] and suffixes[-1] in TABLE_SUFFIXES
+
+
+def st_count_tables(folder: Path) -> list[Path]:
+    """Return the ST v1 count tables of a folder (text tables with ``XxY`` spot ids, not alignment tables)."""
+    tables = sorted(p for p in folder.iterdir() if _is_table_name(p))
+    return [p for p in tables if not _is_alignment_table(p) and looks_like_st_table(p)]
+
+
+def _stem(path: Path) -> str:
+    return path.name.split(".")[0]
+
+
+def _pick(candidates: list[Path], stem: str) -> Path | None:
+    """Return the candidate named after ``stem`` (``alignment_table_MOB1.tsv`` for ``MOB1``), else the only one."""
+    named = [p for p in candidates if _stem(p) == stem or _stem(p).endswith(f"_{stem}")]
+    if len(named) == 1:
+        return named[0]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def find_st_inputs(folder: str | Path) -> tuple[Path, Path | None, Path | None]:
+    """Find the count table, the spot detector alignment table and the H&E of an ST v1 sample folder.
+
+    The count table is the folder's one text table (``.tsv/.csv/.txt``, optionally ``.gz``) with ``XxY`` spot ids;
+    the alignment table one with ``x, y, pixel_x, pixel_y`` columns, and the image a JPG/PNG/TIFF, each taken when
+    it is named after the count table (``alignment_table_MOB1.tsv``, ``MOB1.jpg``) or is the only one. The image is
+    only taken with an alignment table, which places the spots on it.
+
+    Raises
+    ------
+    InputError
+        No count table, or several (the message lists them: pass one).
+
+    Examples
+    --------
+    >>> [p.name if p else None for p in find_st_inputs("hest_zarr/data/st_v1_mob1")]  # doctest: +SKIP
+    ['MOB1.tsv.gz', 'alignment_table_MOB1.tsv.gz', 'MOB1.jpg']
+
+    """
+    folder = Path(folder)
+    counts = st_count_tables(folder)
+    if not counts:
+        found = sorted(p.name for p in folder.iterdir())
+        listed = ", ".join(found[:10]) + (", ..." if len(found) > 10 else "") if found else "nothing"
+        raise InputError(
+            f"{folder}: no ST v1 count table in this folder (expected a .tsv/.csv/.txt table, optionally .gz, with "
+            f"XxY spot ids such as '10x12' on its rows or columns); found {listed}"
+        )
+    if len(counts) > 1:
+        raise InputError(
+            f"{folder}: {len(counts)} ST v1 count tables ({', '.join(p.name for p in counts)}); pass the one to "
+            "convert (and its --alignment and --image)"
+        )
+    stem = _stem(counts[0])
+    alignment = _pick(sorted(p for p in folder.iterdir() if _is_table_name(p) and _is_alignment_table(p)), stem)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    image = _pick(images, stem) if alignment is not None else None
+    return counts[0], alignment, image
+
+
 def _read_counts_table(path: Path) -> tuple[pd.DataFrame, np.ndarray, str]:
     """Return the counts as spots x genes, the spots' array positions and the file's orientation."""
     table = read_delimited_table(path)
@@ -90,6 +197,7 @@ def _read_counts_table(path: Path) -> tuple[pd.DataFrame, np.ndarray, str]:
     counts, positions, orientation = (
         (table, from_rows, "spots x genes") if from_rows is not None else (table.T, from_columns, "genes x spots")
     )
+    refuse_duplicates(counts.index, path, "spot id")
     non_numeric = [c for c in counts.columns if not pd.api.types.is_numeric_dtype(counts[c])]
     if non_numeric:
         raise InputError(f"{path}: non-numeric counts (gene {non_numeric[0]!r}); expected a numeric count table")
@@ -200,7 +308,8 @@ def read_st_v1(
     Parameters
     ----------
     counts
-        Count table (CSV/TSV/TXT, optionally gzipped) with ``XxY`` spot ids on the rows or the columns.
+        Count table (CSV/TSV/TXT, optionally gzipped) with ``XxY`` spot ids on the rows or the columns, or a folder
+        holding one (with its alignment table and image, found by :func:`find_st_inputs` when not given).
     alignment
         Spot detector output (``x, y, new_x, new_y, pixel_x, pixel_y, selected``) in the image's pixels.
     image
@@ -230,6 +339,10 @@ def read_st_v1(
 
     """
     counts_path = Path(counts)
+    if counts_path.is_dir():
+        counts_path, found_alignment, found_image = find_st_inputs(counts_path)
+        if alignment is None:
+            alignment, image = found_alignment, image if image is not None else found_image
     frame, spot_xy, orientation = _read_counts_table(counts_path)
     design = detect_array_design(spot_xy) if array_design == "auto" else array_design
     um_per_unit = UM_PER_ARRAY_UNIT[design]

@@ -42,6 +42,7 @@ from hest_zarr.converters._spaceranger import (
     loupe_positions,
     pick_spatial_image,
     positions_for_barcodes,
+    positive_number,
     read_positions,
     read_scalefactors,
     spot_expression,
@@ -241,7 +242,9 @@ def _loupe_placement(
     return _Placement(
         positions=positions,
         lattice_spots=lattice_spots,
-        spot_diameter_px=float(lattice_spots["spot_diameter_fullres"].median()),
+        spot_diameter_px=positive_number(
+            lattice_spots["spot_diameter_fullres"].median(), f"{alignment_path}: the median spot diameter 'dia'"
+        ),
         fiducial_diameter_px=None,
         inputs=spot_inputs,
         source=" + ".join(spot_inputs[1:]),
